@@ -1,0 +1,14 @@
+"""flowcut: visual token pruning for Hugging Face vision-language models.
+
+handle = flowcut.prune(model, "flowcut", keep=64)   # this instance only
+...                                                 # model(**inputs), model.generate(**inputs)
+handle.remove()                                     # exactly as before
+"""
+
+from __future__ import annotations
+
+from .api import PruneHandle, available_methods, prune
+from .methods.flowcut import FlowCutConfig
+
+__all__ = ["FlowCutConfig", "PruneHandle", "available_methods", "prune"]
+__version__ = "0.1.0"

@@ -1,0 +1,264 @@
+"""FlowCut: information-flow-aware visual token pruning (NeurIPS 2025).
+
+Pure tensor functions and a small stateful selector; no model plumbing lives here. The model adapters in
+`flowcut.models` hand the selector each encoder layer's own projected ``q, k, v`` and apply the kept
+indices it returns. Everything follows ``shared/SPEC.md``; where the paper and the authors' release
+disagree, the default follows the release (the published numbers came from it) and the paper's variant
+is an option.
+
+Scores per layer (SPEC "Per-layer scores"), from ``q, k, v`` of shape ``(B, H, T, d)``:
+
+* attention strength ``a``: the global token's softmax attention row over all ``T`` keys, patch columns,
+  averaged over heads (Eq. 1-2);
+* semantic relevance ``s``: softmax over all ``T`` of ``v_g . v_j`` (release: unscaled; paper: / sqrt(d)),
+  patch columns, averaged over heads (Eq. 4);
+* information density ``n``: L1 norm of the head-averaged value vector (Eq. 4);
+* score ``S = (a / sum a + s / sum s) * n`` (Eq. 5), accumulated as ``C = w_h * C + w_c * S`` (Eq. 6).
+
+Only the global token's row of the attention matrix is ever formed: ``O(T)`` per head, so the encoder
+layer keeps its own attention kernel (SDPA / FlashAttention) for the real computation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+SemanticScaling = Literal["code", "paper"]
+
+# Table 10 / Eq. 6: the released default weighs history and current score equally.
+DEFAULT_HISTORY_WEIGHT = 0.5
+# Sec. 3.3 / Table 11: prune every second layer.
+DEFAULT_PRUNE_INTERVAL = 2
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class FlowCutConfig:
+    """Settings of FlowCut.
+
+    Args:
+        keep: number of visual (patch) tokens the language model receives per image (``K``).
+        semantic_scaling: ``"code"`` (default, the authors' release: ``softmax(v_g . v_j)``) or ``"paper"``
+            (Eq. 4: ``softmax(v_g . v_j / sqrt(d))``).
+        history_weight: weight of the accumulated score in ``C = w_h * C + (1 - w_h) * S`` (Eq. 6,
+            Table 10; default 0.5). ``0`` disables the cumulative tracking.
+        prune_interval: prune when the number of remaining layers before the consumed one is a multiple
+            of this (default 2, Table 11). A value larger than the encoder depth prunes only once, at
+            the last possible layer.
+        feature_layer: for bare vision towers only: the ``hidden_states`` index the caller will read
+            (default ``-1``: the last layer). Composite models (LLaVA) read it from their config.
+    """
+
+    keep: int
+    semantic_scaling: SemanticScaling = "code"
+    history_weight: float = DEFAULT_HISTORY_WEIGHT
+    prune_interval: int = DEFAULT_PRUNE_INTERVAL
+    feature_layer: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("keep", self.keep, 1)
+        if self.semantic_scaling not in ("code", "paper"):
+            raise ValueError(
+                f"semantic_scaling must be 'code' (the authors' release, unscaled) or 'paper' "
+                f"(divided by sqrt(d)), got {self.semantic_scaling!r}"
+            )
+        w = self.history_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or not 0 <= w < 1:
+            raise ValueError(
+                f"history_weight must be a number in [0, 1) (the current score gets 1 - history_weight; "
+                f"Table 10), got {w!r}"
+            )
+        _check_int("prune_interval", self.prune_interval, 1)
+        if self.feature_layer is not None:
+            _check_int("feature_layer", self.feature_layer, -(10**6))
+
+    @property
+    def current_weight(self) -> float:
+        return 1.0 - self.history_weight
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure score functions
+# --------------------------------------------------------------------------------------------------
+
+
+def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half-precision softmax/entropy are too coarse to rank 500+ tokens; float64 stays float64 so that
+    # the reference comparison with the authors' release is bit-for-bit.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def global_query_value(q: torch.Tensor, v: torch.Tensor, has_cls: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global token's query and value: the CLS token's, or the mean over tokens where there is none.
+
+    q, v: ``(B, H, T, d)`` -> ``q_g, v_g``: ``(B, H, d)``.
+    """
+    if has_cls:
+        return q[:, :, 0], v[:, :, 0]
+    return q.mean(dim=2), v.mean(dim=2)
+
+
+def attention_strength(q_g: torch.Tensor, k: torch.Tensor, scale: float, has_cls: bool) -> torch.Tensor:
+    """Global token's attention over the patches, head-averaged, not renormalised (SPEC score 1).
+
+    q_g: ``(B, H, d)``; k: ``(B, H, T, d)`` -> ``(B, N)`` with ``N = T - 1`` if ``has_cls`` else ``T``.
+    """
+    # The release scales the query before the product (CLIPAttention of transformers < 4.48); doing the
+    # same keeps float64 results identical to it.
+    logits = torch.einsum("bhd,bhtd->bht", q_g * scale, k)  # (B, H, T)
+    probs = logits.softmax(dim=-1)
+    if has_cls:
+        probs = probs[..., 1:]
+    return probs.mean(dim=1)
+
+
+def semantic_relevance(
+    v_g: torch.Tensor, v: torch.Tensor, has_cls: bool, scaling: SemanticScaling
+) -> torch.Tensor:
+    """Softmax similarity of each token's value to the global value, head-averaged (SPEC score 2).
+
+    v_g: ``(B, H, d)``; v: ``(B, H, T, d)`` -> ``(B, N)``.
+    """
+    logits = torch.einsum("bhd,bhtd->bht", v_g, v)  # (B, H, T)
+    if scaling == "paper":
+        logits = logits / math.sqrt(v.shape[-1])  # Eq. 4
+    probs = logits.softmax(dim=-1)
+    if has_cls:
+        probs = probs[..., 1:]
+    return probs.mean(dim=1)
+
+
+def information_density(v: torch.Tensor, has_cls: bool) -> torch.Tensor:
+    """L1 norm of the head-averaged value vector of every patch (SPEC score 3). v: ``(B, H, T, d)`` -> ``(B, N)``."""
+    v_mean = v.mean(dim=1)  # (B, T, d)
+    if has_cls:
+        v_mean = v_mean[:, 1:]
+    return v_mean.abs().sum(dim=-1)
+
+
+def combine_scores(a: torch.Tensor, s: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Eq. 5: ``(a / sum a + s / sum s) * n``; all ``(B, N)``."""
+    return (a / a.sum(dim=-1, keepdim=True) + s / s.sum(dim=-1, keepdim=True)) * n
+
+
+def layer_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    has_cls: bool,
+    semantic_scaling: SemanticScaling = "code",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score one encoder layer from its own projections.
+
+    q, k, v: ``(B, H, T, d)`` -> ``(S, a)``, both ``(B, N)``: the combined score and the attention strength
+    (the latter drives the entropy schedule).
+    """
+    dtype = _score_dtype(q.dtype)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    q_g, v_g = global_query_value(q, v, has_cls)
+    a = attention_strength(q_g, k, scale, has_cls)
+    s = semantic_relevance(v_g, v, has_cls, semantic_scaling)
+    n = information_density(v, has_cls)
+    return combine_scores(a, s, n), a
+
+
+def entropy_ratio(a: torch.Tensor) -> torch.Tensor:
+    """Eq. 2-3: entropy of the renormalised attention over ``N`` patches divided by ``log N``. ``(B, N)`` -> ``(B,)``."""
+    n = a.shape[-1]
+    p = a / a.sum(dim=-1, keepdim=True)
+    entropy = -(p * torch.log(p)).sum(dim=-1)
+    # The release computes log(N) as torch.log(torch.tensor(N)): an integer tensor promoted to the
+    # default float dtype. Matching it keeps prune counts identical when P lands near x.5.
+    log_n = torch.log(torch.tensor(float(n), dtype=torch.get_default_dtype()))
+    return entropy / log_n
+
+
+def prune_count(a: torch.Tensor, remaining: int, keep: int) -> int:
+    """Eq. 3: how many patches to drop now, the maximum over the batch.
+
+    a: ``(B, N)`` attention strength; ``remaining``: layers left before the consumed one (``r > 0``);
+    ``keep``: the target patch count ``K``.
+    """
+    if remaining <= 0:
+        raise ValueError(
+            f"prune_count needs remaining > 0 (at r = 0 everything down to keep is dropped), got {remaining}"
+        )
+    n = a.shape[-1]
+    h = entropy_ratio(a)
+    p = (n - keep) / remaining**0.5 * (1 - h**2)
+    # Batch: every image keeps the same count, the one that prunes most decides (release behaviour).
+    return int(p.max().round())
+
+
+def is_prune_layer(remaining: int, interval: int) -> bool:
+    """SPEC schedule: prune after a layer whose remaining count ``r = F - 1 - i`` is ``>= 0`` and a multiple of the interval."""
+    return remaining >= 0 and remaining % interval == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Stateful selector for one forward pass of a vision encoder
+# --------------------------------------------------------------------------------------------------
+
+
+class FlowCutSelector:
+    """Runs FlowCut's schedule over the layers of one encoder forward.
+
+    The model adapter calls :meth:`start` before the first layer, then :meth:`step` after every layer
+    ``i`` with that layer's ``q, k, v``; ``step`` returns the indices (into the current patch tokens,
+    ascending) to keep, or ``None`` to keep everything.
+    """
+
+    def __init__(self, config: FlowCutConfig, keep: int | None = None) -> None:
+        self.config = config
+        self.keep = config.keep if keep is None else keep
+        self.consume_layer = 0
+        self.cumulative: torch.Tensor | None = None
+
+    def start(self, consume_layer: int) -> None:
+        """``consume_layer``: ``F``, the encoder layer whose output the model consumes (0-based)."""
+        if consume_layer < 1:
+            raise ValueError(
+                f"FlowCut must finish pruning at the output of layer F-1, so the consumed layer F must be >= 1; "
+                f"got F={consume_layer}. Read a later hidden state (feature_layer >= 2 or a negative index)."
+            )
+        self.consume_layer = consume_layer
+        self.cumulative = None
+
+    def needs_scores(self, num_patches: int) -> bool:
+        """Scores are computed at every layer while the sequence is longer than the target (SPEC)."""
+        return num_patches > self.keep
+
+    def step(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, has_cls: bool
+    ) -> torch.Tensor | None:
+        """Score layer ``layer`` and maybe prune its output. q, k, v: ``(B, H, T, d)`` -> ``(B, n_keep)`` or None."""
+        cfg = self.config
+        with torch.no_grad():
+            scores, a = layer_scores(q.detach(), k.detach(), v.detach(), scale, has_cls, cfg.semantic_scaling)
+            if self.cumulative is None:
+                self.cumulative = scores
+            else:
+                self.cumulative = cfg.history_weight * self.cumulative + cfg.current_weight * scores
+
+            remaining = self.consume_layer - 1 - layer
+            if not is_prune_layer(remaining, cfg.prune_interval):
+                return None
+            n = scores.shape[-1]
+            dropped = prune_count(a, remaining, self.keep) if remaining > 0 else n
+            n_keep = max(n - dropped, self.keep)
+            idx = torch.topk(self.cumulative, n_keep, dim=-1).indices
+            idx = idx.sort(dim=-1).values  # raster order survives (SPEC: re-sort ascending)
+            self.cumulative = torch.gather(self.cumulative, 1, idx)
+        return idx

@@ -1,0 +1,296 @@
+"""LLaVA (``LlavaForConditionalGeneration`` / ``LlavaModel``): vision-stage pruning, wired on one instance.
+
+The processor expands every ``<image>`` into one placeholder per visual feature (576 for LLaVA-1.5). When
+the tower keeps only ``K`` patches, the prompt must carry ``K`` placeholders per image, so:
+
+* a forward pre-hook on the model rewrites the call's ``input_ids`` (and ``attention_mask``, ``labels``,
+  ``position_ids``): per image it keeps the first ``K`` placeholders of its block and drops the rest.
+  Rows whose length now differs (different image counts) are re-padded on the side the caller padded.
+  The language model thus sees exactly the sequence an unpruned model fed only the kept tokens would see.
+* ``generate`` is wrapped on the instance: the prompt is compacted once before generation and the
+  returned sequences get the caller's own ``input_ids`` back in front, so
+  ``out[:, inputs["input_ids"].shape[1]:]`` is still the answer.
+
+Placeholders are all the same token, so which ones are dropped does not matter; the kept visual
+features go into them in order (``masked_scatter``), exactly as upstream.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .vit import EncoderPruner, EncoderSelector, consumed_layer, tower_spec
+
+IGNORE_INDEX = -100  # transformers' loss ignore index
+
+
+def llava_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """``(outer, inner)`` for a LLaVA model: the module whose ``forward`` takes the prompt, and the
+    ``LlavaModel`` holding ``vision_tower``; ``None`` if ``model`` is not a LLaVA."""
+    from transformers import LlavaForConditionalGeneration, LlavaModel
+
+    if isinstance(model, LlavaForConditionalGeneration):
+        return model, model.model
+    if isinstance(model, LlavaModel):
+        return model, model
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------
+# Pure sequence surgery
+# ------------------------------------------------------------------------------------------------------
+
+
+def placeholder_drop_mask(
+    input_ids: torch.Tensor, image_token_id: int, per_image: int, keep: int
+) -> torch.Tensor:
+    """Which placeholder columns to drop: all but the first ``keep`` of every image's block of ``per_image``.
+
+    input_ids: ``(B, L)`` -> bool ``(B, L)``. Blocks may touch (``<image><image>``); they are told apart
+    by counting, so every row must hold a whole number of blocks.
+    """
+    is_img = input_ids == image_token_id
+    counts = is_img.sum(dim=1)
+    if bool((counts % per_image).any()):
+        raise ValueError(
+            f"each image must have exactly {per_image} placeholder tokens in input_ids (as the processor "
+            f"expands them); found {counts.tolist()} per row. Pass the processor's output unchanged."
+        )
+    ordinal = is_img.long().cumsum(dim=1) - 1
+    return is_img & (ordinal % per_image >= keep)
+
+
+def padding_side(attention_mask: torch.Tensor | None) -> str:
+    """``"left"`` unless the caller's mask shows right padding (generation needs left padding)."""
+    if attention_mask is None:
+        return "left"
+    if bool((attention_mask[:, -1] == 0).any()) and not bool((attention_mask[:, 0] == 0).any()):
+        return "right"
+    return "left"
+
+
+def compact(
+    x: torch.Tensor, keep: torch.Tensor, length: int, side: str, pad_value: int | float
+) -> torch.Tensor:
+    """Move the kept columns of ``x`` (B, L, ...) together into ``(B, length, ...)``, padding each row."""
+    b = x.shape[0]
+    n_keep = keep.sum(dim=1, keepdim=True)  # (B, 1)
+    dest = keep.long().cumsum(dim=1) - 1
+    if side == "left":
+        dest = dest + (length - n_keep)
+    out = x.new_full((b, length, *x.shape[2:]), pad_value)
+    rows = torch.arange(b, device=x.device).unsqueeze(1).expand_as(keep)
+    out[rows[keep], dest[keep]] = x[keep]
+    return out
+
+
+def compact_prompt(
+    inputs: dict[str, Any], drop: torch.Tensor, pad_token_id: int
+) -> tuple[dict[str, Any], int]:
+    """Drop the ``drop`` columns from the prompt tensors in ``inputs``; return the new inputs and length.
+
+    Handles ``input_ids``, ``attention_mask``, ``labels``, ``position_ids`` (renumbered so positions stay
+    contiguous, as for a prompt that only ever had the kept placeholders) and ``cache_position``. Padding
+    columns of the caller (``attention_mask == 0``) are dropped as well and rows are padded again to the
+    longest row, so the result is what the processor would have produced for the compact prompt.
+    """
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    side = padding_side(mask)
+    # The caller's padding goes too: rows are packed tightly and padded again on the same side.
+    keep = ~drop if mask is None else ~drop & mask.bool()
+    lengths = keep.sum(dim=1)
+    new_len = int(lengths.max())
+    out = dict(inputs)
+    out["input_ids"] = compact(ids, keep, new_len, side, pad_token_id)
+    if mask is None and bool((lengths != new_len).any()):
+        mask = torch.ones_like(ids)  # rows now differ in length: padding must be masked
+    if mask is not None:
+        out["attention_mask"] = compact(mask, keep, new_len, side, 0)
+    if inputs.get("labels") is not None:
+        out["labels"] = compact(inputs["labels"], keep, new_len, side, IGNORE_INDEX)
+    pos = inputs.get("position_ids")
+    if pos is not None:
+        if pos.dim() != 2:
+            raise ValueError(f"position_ids of shape {tuple(pos.shape)} are not supported; expected (B, L)")
+        shifted = pos - drop.long().cumsum(dim=1)
+        out["position_ids"] = compact(shifted.expand_as(ids), keep, new_len, side, 1)
+    if inputs.get("cache_position") is not None:
+        out["cache_position"] = torch.arange(new_len, device=ids.device)
+    return out, new_len
+
+
+# ------------------------------------------------------------------------------------------------------
+# Attachment
+# ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Layout:
+    has_cls_dropped: int  # 1 if the "default" strategy drops the first token of the tower output
+    has_cls: int
+    patch_size: int
+
+
+class LlavaAttachment:
+    """Vision-stage pruning on a LLaVA instance: an :class:`EncoderPruner` on its tower plus prompt surgery."""
+
+    def __init__(self, model: nn.Module, make_selector: Callable[[int], EncoderSelector], keep: int) -> None:
+        parts = llava_parts(model)
+        if parts is None:
+            raise TypeError(f"{type(model).__name__} is not a LLaVA model")
+        self.outer, inner = parts
+        cfg = inner.config
+        self.config = cfg
+        tower = inner.vision_tower
+        spec = tower_spec(tower)
+        strategy = cfg.vision_feature_select_strategy
+        if strategy not in ("default", "full"):
+            raise ValueError(
+                f"vision_feature_select_strategy={strategy!r} is not supported ('default' or 'full')"
+            )
+        self.layout = _Layout(
+            has_cls_dropped=int(strategy == "default"),
+            has_cls=int(spec.has_cls),
+            patch_size=int(cfg.vision_config.patch_size),
+        )
+        self.keep = keep
+        # Patches to keep so that the language model receives exactly `keep` features per image.
+        keep_patches = keep - self.layout.has_cls + self.layout.has_cls_dropped
+        if keep_patches < 1:
+            raise ValueError(
+                f"keep={keep} leaves no patch token: with vision_feature_select_strategy={strategy!r} one of "
+                f"the features is the CLS token, so keep must be >= 2"
+            )
+        self.keep_patches = keep_patches
+        self.image_token_id = int(cfg.image_token_id)
+        text_cfg = cfg.text_config
+        pad = getattr(cfg, "pad_token_id", None)
+        pad = getattr(text_cfg, "pad_token_id", None) if pad is None else pad
+        self.pad_token_id = 0 if pad is None else int(pad)
+        self.feature_layer = cfg.vision_feature_layer
+        self.strategy = strategy
+
+        consume = consumed_layer(cfg.vision_feature_layer, spec.num_layers)
+        self.encoder = EncoderPruner(spec, make_selector(keep_patches), consume)
+        self._signature = inspect.signature(self.outer.forward)
+        self._handles: list[RemovableHandle] = [
+            self.outer.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        ]
+        self._wrap_generate()
+
+    # -- layout ---------------------------------------------------------------------------------------
+    def placeholders(self, pixel_values: torch.Tensor) -> tuple[int, int]:
+        """``(per_image, kept_per_image)`` placeholder counts for images of this size."""
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+            raise ValueError(
+                "pixel_values must be a (num_images, C, H, W) tensor as the LLaVA processor makes it"
+            )
+        lay = self.layout
+        n_patches = (pixel_values.shape[-2] // lay.patch_size) * (pixel_values.shape[-1] // lay.patch_size)
+        per_image = n_patches + lay.has_cls - lay.has_cls_dropped
+        kept = min(self.keep_patches, n_patches) + lay.has_cls - lay.has_cls_dropped
+        return per_image, kept
+
+    def compact_inputs(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], int] | None:
+        """The prompt with ``kept_per_image`` placeholders per image, or ``None`` when nothing changes."""
+        pixel_values = inputs.get("pixel_values")
+        if pixel_values is None:
+            return None
+        ids = inputs.get("input_ids")
+        if ids is None:
+            raise ValueError(
+                "pruned LLaVA needs input_ids with the image placeholders (inputs_embeds with pixel_values is "
+                "not supported); pass the processor's output"
+            )
+        for name, value in (
+            ("vision_feature_layer", self.feature_layer),
+            ("vision_feature_select_strategy", self.strategy),
+        ):
+            given = inputs.get(name)
+            if given is not None and given != value:
+                raise ValueError(
+                    f"{name}={given!r} differs from the model config ({value!r}) that the pruning was set up "
+                    f"for; change model.config and prune again"
+                )
+        per_image, kept = self.placeholders(pixel_values)
+        if kept >= per_image:
+            return None
+        n_images = pixel_values.shape[0]
+        total = int((ids == self.image_token_id).sum())
+        if total == n_images * kept:
+            return None  # already compact (a call from our own generate)
+        if total != n_images * per_image:
+            raise ValueError(
+                f"input_ids hold {total} image placeholders for {n_images} image(s); expected "
+                f"{per_image} per image. Pass the processor's output unchanged."
+            )
+        drop = placeholder_drop_mask(ids, self.image_token_id, per_image, kept)
+        return compact_prompt(inputs, drop, self.pad_token_id)
+
+    # -- hooks ----------------------------------------------------------------------------------------
+    def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        bound = self._signature.bind_partial(*args, **kwargs)
+        inputs = dict(bound.arguments)
+        extra = inputs.pop("kwargs", {})
+        inputs.update(extra)
+        result = self.compact_inputs(inputs)
+        if result is None:
+            return None
+        return (), result[0]
+
+    def _wrap_generate(self) -> None:
+        outer = self.outer
+        if not hasattr(outer, "generate"):
+            self._orig_generate = None
+            return
+        self._had_generate_attr = "generate" in vars(outer)
+        original = outer.generate
+        self._orig_generate = original
+
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            if args and isinstance(args[0], torch.Tensor) and "input_ids" not in kwargs:
+                kwargs["input_ids"], args = args[0], args[1:]
+            elif isinstance(kwargs.get("inputs"), torch.Tensor) and "input_ids" not in kwargs:
+                kwargs["input_ids"] = kwargs.pop("inputs")
+            result = self.compact_inputs(kwargs)
+            if result is None:
+                return original(*args, **kwargs)
+            new_kwargs, new_len = result
+            caller_ids = kwargs["input_ids"]
+            for name in ("max_length", "min_length"):
+                if new_kwargs.get(name) is not None:
+                    # These count the prompt: keep the same budget of new tokens as the unpruned call.
+                    new_kwargs[name] = new_kwargs[name] - (caller_ids.shape[1] - new_len)
+            out = original(*args, **new_kwargs)
+            if isinstance(out, torch.Tensor):
+                return torch.cat([caller_ids, out[:, new_len:]], dim=1)
+            out.sequences = torch.cat([caller_ids, out.sequences[:, new_len:]], dim=1)
+            return out
+
+        generate.__doc__ = getattr(original, "__doc__", None)
+        outer.generate = generate
+
+    # -- handle interface -------------------------------------------------------------------------------
+    @property
+    def record(self):  # noqa: ANN201 - EncoderPassRecord
+        return self.encoder.record
+
+    def remove(self) -> None:
+        self.encoder.remove()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self._orig_generate is not None:
+            if self._had_generate_attr:
+                self.outer.generate = self._orig_generate
+            else:
+                del self.outer.generate
+            self._orig_generate = None

@@ -1,0 +1,272 @@
+"""Pruning inside a Hugging Face ViT vision tower (CLIP, SigLIP, DINOv2), on one model instance.
+
+How it attaches (nothing is assigned to a transformers class):
+
+* a forward pre-hook on the tower module starts a pass (resets the selector) and a forward hook ends it
+  (publishes the kept indices on the original patch grid);
+* forward hooks on each layer's ``q_proj`` / ``k_proj`` / ``v_proj`` keep a reference to the projections
+  while that layer runs (armed by a pre-hook on the layer, so a gradient-checkpoint recompute, which
+  reruns only the layer's ``forward``, records nothing);
+* a forward hook on each encoder layer, registered with ``prepend=True`` so that transformers' own
+  ``output_hidden_states`` recorder sees the pruned output, hands ``q, k, v`` to the selector and gathers
+  the kept tokens from the layer's output. The global token (CLS) stays at position 0.
+
+The attention itself is untouched: the layer keeps eager / SDPA / FlashAttention, and only the selector's
+``O(T)`` global row is computed on the side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+
+class EncoderSelector(Protocol):
+    """What a pruning method implements to run inside a vision encoder (see ``FlowCutSelector``)."""
+
+    keep: int
+
+    def start(self, consume_layer: int) -> None: ...
+
+    def needs_scores(self, num_patches: int) -> bool: ...
+
+    def step(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, has_cls: bool
+    ) -> torch.Tensor | None: ...
+
+
+@dataclass
+class TowerSpec:
+    """Where a vision tower's pieces are. ``attentions[i]`` has ``q_proj``, ``k_proj``, ``v_proj``."""
+
+    family: str
+    root: nn.Module
+    layers: list[nn.Module]
+    attentions: list[nn.Module]
+    num_heads: int
+    head_dim: int
+    scales: list[float]
+    has_cls: bool
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+def _attn_scale(attn: nn.Module) -> float:
+    for name in ("scale", "scaling"):
+        value = getattr(attn, name, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return float(attn.head_dim) ** -0.5
+
+
+def _spec_from_layers(
+    family: str, root: nn.Module, layers: nn.ModuleList, attn_name: str, config: Any, has_cls: bool
+) -> TowerSpec:
+    attentions = [getattr(layer, attn_name) for layer in layers]
+    for a in attentions:
+        if not all(isinstance(getattr(a, p, None), nn.Linear) for p in ("q_proj", "k_proj", "v_proj")):
+            raise TypeError(
+                f"{family}: attention module {type(a).__name__} has no q_proj/k_proj/v_proj linears; this "
+                f"transformers version is not supported (tested: transformers 5.x)"
+            )
+    num_heads = config.num_attention_heads
+    head_dim = attentions[0].q_proj.out_features // num_heads
+    return TowerSpec(
+        family=family,
+        root=root,
+        layers=list(layers),
+        attentions=attentions,
+        num_heads=num_heads,
+        head_dim=head_dim,
+        scales=[_attn_scale(a) for a in attentions],
+        has_cls=has_cls,
+    )
+
+
+SUPPORTED_TOWERS = ("CLIPVisionModel", "SiglipVisionModel", "Dinov2Model")
+
+
+def _encoder(model: nn.Module) -> nn.Module:
+    # transformers < 5.x nests the encoder under `vision_model`; later versions flatten it.
+    inner = getattr(model, "vision_model", model)
+    return inner.encoder
+
+
+def tower_spec(model: nn.Module) -> TowerSpec:
+    """Recognise a supported vision tower instance. Raises ``TypeError`` naming the supported classes."""
+    from transformers import CLIPVisionModel, Dinov2Model, SiglipVisionModel
+
+    if isinstance(model, CLIPVisionModel):
+        layers = _encoder(model).layers
+        return _spec_from_layers("clip", model, layers, "self_attn", model.config, has_cls=True)
+    if isinstance(model, SiglipVisionModel):
+        # SigLIP has no CLS token: FlowCut's global token is the mean token (SPEC "No CLS").
+        layers = _encoder(model).layers
+        return _spec_from_layers("siglip", model, layers, "self_attn", model.config, has_cls=False)
+    if isinstance(model, Dinov2Model):
+        return _spec_from_layers(
+            "dinov2", model, model.encoder.layer, "attention", model.config, has_cls=True
+        )
+    raise TypeError(
+        f"{type(model).__name__} is not a supported vision tower; supported: {', '.join(SUPPORTED_TOWERS)} "
+        f"and LLaVA models that contain one"
+    )
+
+
+def consumed_layer(feature_layers: int | list[int], num_layers: int) -> int:
+    """``F``: the first encoder layer (0-based) whose output is read, given ``hidden_states`` indices.
+
+    ``hidden_states[h]`` is the output of layer ``h - 1`` (index 0 is the embeddings), so
+    ``F = min(h) - 1`` after resolving negative indices against ``num_layers + 1`` states.
+    """
+    layers = [feature_layers] if isinstance(feature_layers, int) else list(feature_layers)
+    if not layers:
+        raise ValueError("feature layer list is empty")
+    resolved = []
+    for h in layers:
+        if isinstance(h, bool) or not isinstance(h, int):
+            raise TypeError(f"feature_layer must be an int hidden-state index, got {h!r}")
+        r = h if h >= 0 else num_layers + 1 + h
+        if not 0 <= r <= num_layers:
+            raise ValueError(
+                f"feature_layer={h} is out of range for an encoder with {num_layers} layers "
+                f"(valid: {-(num_layers + 1)} .. {num_layers})"
+            )
+        resolved.append(r)
+    return min(resolved) - 1
+
+
+def _split_output(output: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
+    if isinstance(output, torch.Tensor):
+        return output, lambda t: t
+    if isinstance(output, tuple):
+        return output[0], lambda t: (t, *output[1:])
+    raise TypeError(f"unexpected encoder layer output type {type(output).__name__}")
+
+
+@dataclass
+class EncoderPassRecord:
+    """What one forward of the tower did; the handle exposes the last one."""
+
+    kept_indices: torch.Tensor | None = None  # (B, K) positions on the original patch grid, ascending
+    tokens_per_layer: list[int] = field(default_factory=list)  # patch tokens after every layer
+    num_patches: int = 0
+
+
+class EncoderPruner:
+    """Installs the hooks of one selector on one tower instance. ``remove()`` takes every hook off."""
+
+    def __init__(self, spec: TowerSpec, selector: EncoderSelector, consume_layer: int) -> None:
+        if not 1 <= consume_layer <= spec.num_layers - 1:
+            raise ValueError(
+                f"FlowCut finishes pruning at the output of the layer before the consumed one; the consumed "
+                f"layer is {consume_layer} of {spec.num_layers} (0-based), which leaves no layer to prune in. "
+                f"Read hidden_states[2] or later (feature_layer >= 2 or a negative index)."
+            )
+        self.spec = spec
+        self.selector = selector
+        self.consume_layer = consume_layer
+        self.record = EncoderPassRecord()
+        self._handles: list[RemovableHandle] = []
+        self._armed: int | None = None
+        self._qkv: dict[str, torch.Tensor] = {}
+        self._orig_idx: torch.Tensor | None = None
+        self._tokens: list[int] = []
+        self._num_patches0 = 0
+        self._install()
+
+    # -- hooks ---------------------------------------------------------------------------------------
+    def _install(self) -> None:
+        spec = self.spec
+        self._handles.append(spec.root.register_forward_pre_hook(self._on_tower_start))
+        self._handles.append(spec.root.register_forward_hook(self._on_tower_end))
+        for i, (layer, attn) in enumerate(zip(spec.layers, spec.attentions, strict=True)):
+            self._handles.append(layer.register_forward_pre_hook(self._make_layer_pre(i), with_kwargs=True))
+            self._handles.append(layer.register_forward_hook(self._make_layer_post(i), prepend=True))
+            for name in ("q_proj", "k_proj", "v_proj"):
+                self._handles.append(getattr(attn, name).register_forward_hook(self._make_capture(i, name)))
+
+    def _on_tower_start(self, module: nn.Module, args: tuple) -> None:
+        self.selector.start(self.consume_layer)
+        self._orig_idx = None
+        self._tokens = []
+
+    def _on_tower_end(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.record = EncoderPassRecord(
+            kept_indices=self._orig_idx, tokens_per_layer=list(self._tokens), num_patches=self._num_patches0
+        )
+
+    def _make_layer_pre(self, i: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+            if mask is not None:
+                raise NotImplementedError(
+                    "token pruning inside a vision tower that receives an attention mask is not supported; "
+                    "call the tower without attention_mask"
+                )
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if i == 0 or self._orig_idx is None:
+                n = hidden.shape[1] - int(self.spec.has_cls)
+                self._num_patches0 = n
+                self._orig_idx = torch.arange(n, device=hidden.device).expand(hidden.shape[0], n)
+            self._armed = i
+            self._qkv = {}
+
+        return hook
+
+    def _make_capture(self, i: int, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if self._armed == i:
+                self._qkv[name] = output
+
+        return hook
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.spec.num_heads, self.spec.head_dim).transpose(1, 2)  # (B, H, T, d)
+
+    def _make_layer_post(self, i: int) -> Callable:
+        spec = self.spec
+
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            hidden, rebuild = _split_output(output)
+            qkv, self._qkv, self._armed = self._qkv, {}, None
+            n_patches = hidden.shape[1] - int(spec.has_cls)
+            result = None
+            if self.selector.needs_scores(n_patches):
+                if len(qkv) != 3:
+                    raise RuntimeError(
+                        f"layer {i}: the q/k/v projections did not run through their modules; this attention "
+                        f"implementation is not supported"
+                    )
+                q, k, v = (self._heads(qkv[n]) for n in ("q_proj", "k_proj", "v_proj"))
+                idx = self.selector.step(i, q, k, v, spec.scales[i], spec.has_cls)
+                if idx is not None:
+                    hidden = _gather_tokens(hidden, idx, spec.has_cls)
+                    self._orig_idx = torch.gather(self._orig_idx, 1, idx)
+                    result = rebuild(hidden)
+            self._tokens.append(hidden.shape[1] - int(spec.has_cls))
+            return result
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._qkv = {}
+
+
+def _gather_tokens(hidden: torch.Tensor, idx: torch.Tensor, has_cls: bool) -> torch.Tensor:
+    """Keep patch tokens ``idx`` (B, n) of ``hidden`` (B, T, D); the global token stays in front."""
+    off = int(has_cls)
+    patches = hidden[:, off:]
+    kept = torch.gather(patches, 1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    return torch.cat([hidden[:, :off], kept], dim=1) if has_cls else kept
