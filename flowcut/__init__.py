@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .api import PruneHandle, available_methods, prune
 from .methods.flowcut import FlowCutConfig
+from .methods.reference import GridConfig, RandomConfig
 
-__all__ = ["FlowCutConfig", "PruneHandle", "available_methods", "prune"]
+__all__ = ["FlowCutConfig", "GridConfig", "PruneHandle", "RandomConfig", "available_methods", "prune"]
 __version__ = "0.1.0"

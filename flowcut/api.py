@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .methods.flowcut import FlowCutConfig, FlowCutSelector
+from .methods.reference import GridConfig, GridSelector, RandomConfig, RandomSelector
 from .models.llava import LlavaAttachment, llava_parts
 from .models.vit import SUPPORTED_TOWERS, EncoderPassRecord, EncoderPruner, consumed_layer, tower_spec
 
@@ -34,6 +35,8 @@ class MethodSpec:
 
 METHODS: dict[str, MethodSpec] = {
     "flowcut": MethodSpec("flowcut", FlowCutConfig, lambda cfg, keep: FlowCutSelector(cfg, keep=keep)),
+    "random": MethodSpec("random", RandomConfig, lambda cfg, keep: RandomSelector(cfg, keep)),
+    "grid": MethodSpec("grid", GridConfig, lambda cfg, keep: GridSelector(cfg, keep)),
 }
 
 SUPPORTED_MODELS = (*SUPPORTED_TOWERS, "LlavaForConditionalGeneration", "LlavaModel")

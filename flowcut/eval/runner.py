@@ -1,0 +1,238 @@
+"""Run a VLM over a VQA dataset, unpruned or pruned, and report what pruning costs.
+
+Metrics per run: accuracy per question family (and overall), *retention* relative to the unpruned model
+(the mean over families of ``acc_method / acc_unpruned``, like the paper's "Avg." column over benchmarks),
+and *agreement*: the share of questions answered exactly as the unpruned model answered them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..api import prune
+from ..inference import build_prompt
+from .scenes import normalize_answer
+
+
+@dataclass
+class EvalResult:
+    """One (dataset, method, keep) run."""
+
+    dataset: str
+    method: str  # "unpruned" for the reference run
+    keep: int | None
+    n: int
+    accuracy: float
+    per_family: dict[str, float]
+    answers: list[str] = field(default_factory=list, repr=False)
+    retention: float | None = None
+    agreement: float | None = None
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("answers")
+        return d
+
+
+def _batches(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
+
+
+@torch.no_grad()
+def predict(
+    model: Any,
+    processor: Any,
+    samples: Sequence[Any],
+    batch_size: int = 8,
+    max_new_tokens: int = 4,
+    progress: bool = True,
+    desc: str = "eval",
+) -> list[str]:
+    """Greedy answers (normalised to the dataset vocabulary) for ``samples`` (``VQASample``s)."""
+    tok = processor.tokenizer
+    old_side = tok.padding_side
+    tok.padding_side = "left"  # generation continues every row at its end
+    bar = _progress(len(samples), desc, progress)
+    answers: list[str] = []
+    try:
+        for batch in _batches(samples, batch_size):
+            prompts = [build_prompt(processor, s.prompt()) for s in batch]
+            inputs = processor(
+                images=[s.image for s in batch], text=prompts, return_tensors="pt", padding=True
+            )
+            inputs = {k: v.to(model.device) for k, v in inputs.items()}
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            answers += [normalize_answer(t, s.vocabulary) for t, s in zip(texts, batch, strict=True)]
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
+        tok.padding_side = old_side
+        if bar is not None:
+            bar.close()
+    return answers
+
+
+def score_answers(samples: Sequence[Any], answers: Sequence[str]) -> tuple[float, dict[str, float]]:
+    """Overall and per-family accuracy (exact match after normalisation)."""
+    hits: dict[str, list[float]] = defaultdict(list)
+    for s, a in zip(samples, answers, strict=True):
+        hits[s.family].append(float(a == normalize_answer(s.answer, s.vocabulary)))
+    per_family = {f: sum(v) / len(v) for f, v in sorted(hits.items())}
+    overall = sum(sum(v) for v in hits.values()) / max(1, len(samples))
+    return overall, per_family
+
+
+def retention(per_family: dict[str, float], reference: dict[str, float]) -> float:
+    """Mean over families of accuracy relative to the reference (families the reference gets 0 on skip)."""
+    ratios = [per_family[f] / reference[f] for f in reference if reference[f] > 0 and f in per_family]
+    return sum(ratios) / len(ratios) if ratios else float("nan")
+
+
+def evaluate(
+    model: Any,
+    processor: Any,
+    samples: Sequence[Any],
+    dataset: str,
+    method: str | None = None,
+    keep: int | None = None,
+    reference: EvalResult | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    **options: Any,
+) -> EvalResult:
+    """Evaluate ``model`` on ``samples``: unpruned when ``method`` is None, else pruned for the run only."""
+    if (method is None) != (keep is None):
+        raise ValueError("give both method and keep for a pruned run, or neither for the unpruned one")
+    t0 = time.perf_counter()
+    label = "unpruned" if method is None else f"{method}@{keep}"
+    if method is None:
+        answers = predict(model, processor, samples, batch_size, progress=progress, desc=f"{dataset} {label}")
+    else:
+        with prune(model, method, keep=keep, **options):
+            answers = predict(
+                model, processor, samples, batch_size, progress=progress, desc=f"{dataset} {label}"
+            )
+    acc, fam = score_answers(samples, answers)
+    result = EvalResult(dataset, method or "unpruned", keep, len(samples), acc, fam, answers)
+    result.seconds = time.perf_counter() - t0
+    if reference is not None:
+        result.retention = retention(fam, reference.per_family)
+        result.agreement = sum(a == b for a, b in zip(answers, reference.answers, strict=True)) / max(
+            1, len(answers)
+        )
+    return result
+
+
+def sweep(
+    model: Any,
+    processor: Any,
+    datasets: dict[str, Sequence[Any]],
+    methods: Sequence[str],
+    keeps: Sequence[int] = (128, 64, 32, 16),
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[EvalResult]:
+    """Unpruned once per dataset, then every method x keep against it."""
+    results: list[EvalResult] = []
+    for name, samples in datasets.items():
+        ref = evaluate(model, processor, samples, name, batch_size=batch_size, progress=progress)
+        ref.retention, ref.agreement = 1.0, 1.0
+        results.append(ref)
+        for keep in keeps:
+            for m in methods:
+                results.append(
+                    evaluate(
+                        model,
+                        processor,
+                        samples,
+                        name,
+                        m,
+                        keep,
+                        ref,
+                        batch_size=batch_size,
+                        progress=progress,
+                    )
+                )
+    return results
+
+
+def markdown_table(results: Sequence[EvalResult]) -> str:
+    """One row per run: dataset, method, tokens, accuracy per family, accuracy, retention, agreement."""
+    families = sorted({f for r in results for f in r.per_family})
+    head = ["data", "method", "tokens", *families, "acc", "retention", "agreement"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        fam = [f"{100 * r.per_family[f]:.1f}" if f in r.per_family else "-" for f in families]
+        ret = "-" if r.retention is None else f"{100 * r.retention:.1f}%"
+        agr = "-" if r.agreement is None else f"{100 * r.agreement:.1f}%"
+        tokens = "all" if r.keep is None else str(r.keep)
+        lines.append(
+            "| " + " | ".join([r.dataset, r.method, tokens, *fam, f"{100 * r.accuracy:.1f}", ret, agr]) + " |"
+        )
+    return "\n".join(lines)
+
+
+def write_reports(results: Sequence[EvalResult], out_dir: str | Path, stem: str = "eval") -> dict[str, Path]:
+    """``<stem>.json`` (summaries + answers), ``<stem>.md`` and, for sweeps, ``<stem>.png``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md"}
+    paths["json"].write_text(
+        json.dumps([{**r.summary(), "answers": r.answers} for r in results], indent=1) + "\n"
+    )
+    paths["md"].write_text(markdown_table(results) + "\n")
+    if len({r.keep for r in results if r.keep is not None}) > 1:
+        paths["png"] = plot_sweep(results, out / f"{stem}.png")
+    return paths
+
+
+def plot_sweep(results: Sequence[EvalResult], path: str | Path) -> Path:
+    """Accuracy against kept tokens, one line per method and dataset (like the paper's Table 1 trend)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    datasets = sorted({r.dataset for r in results})
+    fig = Figure(figsize=(5 * len(datasets), 3.6), dpi=100)
+    for i, name in enumerate(datasets):
+        ax = fig.add_subplot(1, len(datasets), i + 1)
+        rows = [r for r in results if r.dataset == name]
+        ref = next((r for r in rows if r.method == "unpruned"), None)
+        for m in sorted({r.method for r in rows if r.method != "unpruned"}):
+            pts = sorted((r.keep, r.accuracy) for r in rows if r.method == m)
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=m)
+        if ref is not None:
+            ax.axhline(100 * ref.accuracy, color="gray", linestyle="--", label="unpruned")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("visual tokens kept")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(name)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    return path

@@ -1,0 +1,117 @@
+"""Reference methods that need no attention: random patches and a uniform spatial grid.
+
+Both prune once, at the output of the layer before the consumed one (where FlowCut finishes), so that a
+comparison with FlowCut is about *which* tokens survive, not *where* the pruning happens or how much
+compute it saves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .flowcut import _check_int
+
+
+@dataclass(frozen=True)
+class RandomConfig:
+    """Keep ``keep`` patches drawn uniformly at random (each image its own draw).
+
+    Args:
+        keep: visual tokens per image for the consumer.
+        seed: seed of the handle's generator; the draws advance with every forward, so a run is
+            reproducible given the same sequence of calls.
+        feature_layer: for bare vision towers, the ``hidden_states`` index the caller reads (default -1).
+    """
+
+    keep: int
+    seed: int = 0
+    feature_layer: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("keep", self.keep, 1)
+        _check_int("seed", self.seed, 0)
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """Keep ``keep`` patches on a uniform lattice over the (square) patch grid.
+
+    Args:
+        keep: visual tokens per image for the consumer.
+        feature_layer: for bare vision towers, the ``hidden_states`` index the caller reads (default -1).
+    """
+
+    keep: int
+    feature_layer: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("keep", self.keep, 1)
+
+
+def grid_indices(num_patches: int, keep: int) -> torch.Tensor:
+    """``keep`` raster indices spread evenly over a square ``sqrt(N) x sqrt(N)`` grid, ascending.
+
+    A lattice of ``rows x cols >= keep`` cell centres is laid over the grid; when it has more cells than
+    ``keep``, evenly spaced ones among them are taken.
+    """
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise ValueError(f"the grid method needs a square patch grid; got {num_patches} patches")
+    if keep >= num_patches:
+        return torch.arange(num_patches)
+    rows = max(1, min(side, round(math.sqrt(keep))))
+    cols = min(side, math.ceil(keep / rows))
+    while rows * cols < keep:  # only when a side hit the grid size
+        rows = min(side, rows + 1)
+        cols = min(side, math.ceil(keep / rows))
+    ys = [min(side - 1, int((i + 0.5) * side / rows)) for i in range(rows)]
+    xs = [min(side - 1, int((j + 0.5) * side / cols)) for j in range(cols)]
+    cells = torch.tensor([y * side + x for y in ys for x in xs])
+    pick = torch.linspace(0, len(cells) - 1, keep).round().long()
+    return cells[pick].sort().values
+
+
+class _OneShotSelector:
+    """Prunes once, after layer ``F - 1``, with indices from :meth:`choose`."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.consume_layer = 0
+
+    def start(self, consume_layer: int) -> None:
+        self.consume_layer = consume_layer
+
+    def needs_scores(self, num_patches: int) -> bool:
+        return num_patches > self.keep
+
+    def step(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, has_cls: bool
+    ):
+        if layer != self.consume_layer - 1:
+            return None
+        n = k.shape[2] - int(has_cls)
+        return self.choose(k.shape[0], n, k.device)
+
+    def choose(self, batch: int, num_patches: int, device: torch.device) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class RandomSelector(_OneShotSelector):
+    def __init__(self, config: RandomConfig, keep: int) -> None:
+        super().__init__(keep)
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+    def choose(self, batch: int, num_patches: int, device: torch.device) -> torch.Tensor:
+        scores = torch.rand(batch, num_patches, generator=self.generator)
+        return scores.topk(self.keep, dim=-1).indices.sort(dim=-1).values.to(device)
+
+
+class GridSelector(_OneShotSelector):
+    def __init__(self, config: GridConfig, keep: int) -> None:
+        super().__init__(keep)
+
+    def choose(self, batch: int, num_patches: int, device: torch.device) -> torch.Tensor:
+        return grid_indices(num_patches, self.keep).to(device).expand(batch, -1)
