@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="flowcut-out", help="directory for the kept-patch PNG")
     run.add_argument("--json", default=None, help="also write the report as JSON to this file")
     run.set_defaults(func=_cmd_run)
+
+    from .analysis.cli_analyze import add_parser as add_analyze
+
+    add_analyze(sub)
     return parser
 
 
