@@ -49,6 +49,52 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, keep=args.keep, n_scenes=args.scenes, max_new_tokens=args.max_new_tokens)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.datasets import load_dataset
+    from .eval.runner import evaluate, sweep, write_reports
+    from .inference import load_llava
+
+    if args.model:
+        model, processor = load_llava(args.model, dtype=args.dtype)
+    else:
+        from .demo import TRAINED_PROJECTOR
+        from .zoo import load_small_llava
+
+        model, processor = load_small_llava(
+            projector_path=TRAINED_PROJECTOR if TRAINED_PROJECTOR.is_file() else None
+        )
+    data = {name: list(load_dataset(name, args.split, n=args.n)) for name in args.data}
+    if args.sweep:
+        results = sweep(model, processor, data, args.methods, args.keeps, batch_size=args.batch_size)
+        stem = "sweep"
+    else:
+        if args.method is None or args.keep is None:
+            raise SystemExit("error: give --method and --keep, or --sweep")
+        results = []
+        for name, samples in data.items():
+            ref = evaluate(model, processor, samples, name, batch_size=args.batch_size)
+            results += [
+                ref,
+                evaluate(
+                    model, processor, samples, name, args.method, args.keep, ref, batch_size=args.batch_size
+                ),
+            ]
+        stem = f"eval-{args.method}-{args.keep}"
+    from .eval.runner import markdown_table
+
+    print(markdown_table(results))
+    paths = write_reports(results, args.out, stem)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flowcut", description="Visual token pruning for Hugging Face VLMs."
@@ -69,6 +115,30 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="flowcut-out", help="directory for the kept-patch PNG")
     run.add_argument("--json", default=None, help="also write the report as JSON to this file")
     run.set_defaults(func=_cmd_run)
+
+    demo = sub.add_parser(
+        "demo", help="the small real LLaVA (built offline), unpruned vs FlowCut on a few images"
+    )
+    demo.add_argument("--keep", type=int, default=64)
+    demo.add_argument("--scenes", type=int, default=3, help="synthetic scenes to include")
+    demo.add_argument("--max-new-tokens", type=int, default=12)
+    demo.add_argument("--out", default="flowcut-demo")
+    demo.set_defaults(func=_cmd_demo)
+
+    ev = sub.add_parser("eval", help="accuracy, retention and agreement of a method on a VQA dataset")
+    ev.add_argument("--model", default=None, help="local LLaVA directory (default: the small zoo LLaVA)")
+    ev.add_argument("--data", nargs="+", default=["scenes"], help="datasets: scenes, easy-vqa")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--n", type=int, default=200, help="questions per dataset")
+    ev.add_argument("--method", default=None, choices=available_methods())
+    ev.add_argument("--keep", type=int, default=None)
+    ev.add_argument("--sweep", action="store_true", help="methods x keeps table and plot")
+    ev.add_argument("--methods", nargs="+", default=["flowcut", "random", "grid"])
+    ev.add_argument("--keeps", nargs="+", type=int, default=[128, 64, 32, 16])
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ev.add_argument("--out", default="flowcut-eval")
+    ev.set_defaults(func=_cmd_eval)
 
     from .analysis.cli_analyze import add_parser as add_analyze
 

