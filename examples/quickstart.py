@@ -13,7 +13,9 @@ from flowcut.zoo import load_small_llava
 
 model, processor = load_small_llava()  # converts once into ~/.cache/flowcut (about 15 s)
 image = Image.fromarray(data.chelsea())
-conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What animal is this?"}]}]
+conversation = [
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What animal is this?"}]}
+]
 prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
 inputs = processor(images=[image], text=[prompt], return_tensors="pt")
 

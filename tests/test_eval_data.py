@@ -140,8 +140,12 @@ def test_answers_match_ground_truth(scenes):
                 a, rel, b = POSITION_RE.match(rec.question).groups()
                 oa = next(o for o in scene.objects if o.name == a)
                 ob = next(o for o in scene.objects if o.name == b)
-                truth = {"to the left of": oa.x < ob.x, "to the right of": oa.x > ob.x,
-                         "above": oa.y < ob.y, "below": oa.y > ob.y}[rel]
+                truth = {
+                    "to the left of": oa.x < ob.x,
+                    "to the right of": oa.x > ob.x,
+                    "above": oa.y < ob.y,
+                    "below": oa.y > ob.y,
+                }[rel]
                 assert rec.answer == ("yes" if truth else "no")
 
 

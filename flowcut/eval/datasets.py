@@ -23,8 +23,9 @@ def dataset_names() -> list[str]:
     return sorted(DATASETS)
 
 
-def load_dataset(name: str, split: str, n: int | None = None, seed: int | None = None,
-                 **options: object) -> VQADataset:
+def load_dataset(
+    name: str, split: str, n: int | None = None, seed: int | None = None, **options: object
+) -> VQADataset:
     """Load ``n`` samples (all when None) of a data set's split.
 
     ``seed`` means, per data set: ``scenes`` - the generation seed, replacing the split's fixed seed;

@@ -77,8 +77,13 @@ def classify_question(question: str) -> tuple[str, str]:
     raise ValueError(f"unrecognised easy-VQA question template: {question!r}")
 
 
-def load_easy_vqa(split: str, n: int | None = None, seed: int | None = None, image_size: int | None = None,
-                  resample: str = "nearest") -> VQADataset:
+def load_easy_vqa(
+    split: str,
+    n: int | None = None,
+    seed: int | None = None,
+    image_size: int | None = None,
+    resample: str = "nearest",
+) -> VQADataset:
     """Load an easy-VQA split as :class:`VQADataset` (no network access; the package ships the data).
 
     The ``test`` split is for evaluation only: never train, tune or select hyperparameters on it; use
@@ -133,7 +138,7 @@ def load_easy_vqa(split: str, n: int | None = None, seed: int | None = None, ima
     mode = RESAMPLE_MODES[resample]
 
     def load_image(scene_id: str) -> Image.Image:
-        path = Path(paths[int(scene_id[len(prefix):])])
+        path = Path(paths[int(scene_id[len(prefix) :])])
         with Image.open(path) as im:
             image = im.convert("RGB")
         if image_size is not None and image.size != (image_size, image_size):

@@ -90,10 +90,20 @@ SIZE_RADIUS_FRAC: dict[str, float] = {"small": 0.065, "large": 0.115}
 # A skewed prior over shapes and colours, so that some objects are genuinely more frequent than others and
 # POPE's "popular" negatives are meaningful. Distinct weights keep the popularity ranking unambiguous.
 SHAPE_WEIGHTS: dict[str, float] = {
-    "circle": 7, "square": 6, "triangle": 5, "star": 4, "cross": 3, "hexagon": 2,
+    "circle": 7,
+    "square": 6,
+    "triangle": 5,
+    "star": 4,
+    "cross": 3,
+    "hexagon": 2,
 }
 COLOR_WEIGHTS: dict[str, float] = {
-    "red": 7, "blue": 6, "green": 5, "yellow": 4, "purple": 3, "orange": 2,
+    "red": 7,
+    "blue": 6,
+    "green": 5,
+    "yellow": 4,
+    "purple": 3,
+    "orange": 2,
 }
 
 MIN_OBJECTS = 2
@@ -212,8 +222,10 @@ class Scene:
 
 
 def _regular_polygon(x: float, y: float, r: float, n: int, phase: float) -> list[tuple[float, float]]:
-    return [(x + r * math.cos(phase + 2 * math.pi * k / n), y + r * math.sin(phase + 2 * math.pi * k / n))
-            for k in range(n)]
+    return [
+        (x + r * math.cos(phase + 2 * math.pi * k / n), y + r * math.sin(phase + 2 * math.pi * k / n))
+        for k in range(n)
+    ]
 
 
 # Shape proportions relative to the circumradius, chosen so all shapes have a comparable visual weight.
@@ -241,16 +253,29 @@ def _shape_polygon(shape: str, x: float, y: float, r: float) -> list[tuple[float
     if shape == "cross":
         w, a = _CROSS_HALF_WIDTH * r, _CROSS_ARM * r
         # A plus sign, traced clockwise from the top-left corner of the upper arm.
-        offsets = [(-w, -a), (w, -a), (w, -w), (a, -w), (a, w), (w, w),
-                   (w, a), (-w, a), (-w, w), (-a, w), (-a, -w), (-w, -w)]
+        offsets = [
+            (-w, -a),
+            (w, -a),
+            (w, -w),
+            (a, -w),
+            (a, w),
+            (w, w),
+            (w, a),
+            (-w, a),
+            (-w, w),
+            (-a, w),
+            (-a, -w),
+            (-w, -w),
+        ]
         return [(x + dx, y + dy) for dx, dy in offsets]
     if shape == "hexagon":
         return _regular_polygon(x, y, _HEXAGON_RADIUS * r, 6, 0.0)
     raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, fill: int | tuple[int, int, int],
-                 scale: float) -> None:
+def _draw_object(
+    draw: ImageDraw.ImageDraw, obj: SceneObject, fill: int | tuple[int, int, int], scale: float
+) -> None:
     x, y, r = obj.x * scale, obj.y * scale, obj.radius * scale
     points = _shape_polygon(obj.shape, x, y, r)
     if points is None:
@@ -278,8 +303,14 @@ def object_popularity() -> list[tuple[str, str]]:
     Ties are broken by vocabulary order.
     """
     combos = [(s, c) for s in SHAPES for c in COLORS]
-    return sorted(combos, key=lambda sc: (-SHAPE_WEIGHTS[sc[0]] * COLOR_WEIGHTS[sc[1]],
-                                          SHAPES.index(sc[0]), list(COLORS).index(sc[1])))
+    return sorted(
+        combos,
+        key=lambda sc: (
+            -SHAPE_WEIGHTS[sc[0]] * COLOR_WEIGHTS[sc[1]],
+            SHAPES.index(sc[0]),
+            list(COLORS).index(sc[1]),
+        ),
+    )
 
 
 def _scene_rng(seed: int, index: int, purpose: str) -> random.Random:
@@ -305,8 +336,9 @@ def _sample_attributes(rng: random.Random, n: int) -> list[tuple[str, str, str]]
     return chosen
 
 
-def generate_scene(seed: int, index: int, image_size: int = DEFAULT_IMAGE_SIZE,
-                   split: str = "custom") -> Scene:
+def generate_scene(
+    seed: int, index: int, image_size: int = DEFAULT_IMAGE_SIZE, split: str = "custom"
+) -> Scene:
     """Generate (layout only, no pixels) scene ``index`` of the stream identified by ``seed``."""
     rng = _scene_rng(seed, index, "layout")
     size = image_size
@@ -332,8 +364,10 @@ def generate_scene(seed: int, index: int, image_size: int = DEFAULT_IMAGE_SIZE,
                 break
         # An object that finds no valid place is dropped; the first two always fit on an empty canvas.
 
-    objects = tuple(replace(obj, visible_fraction=round(float(vis.sum() / max(mask.sum(), 1)), 4))
-                    for obj, mask, vis in zip(placed, masks, visible, strict=True))
+    objects = tuple(
+        replace(obj, visible_fraction=round(float(vis.sum() / max(mask.sum(), 1)), 4))
+        for obj, mask, vis in zip(placed, masks, visible, strict=True)
+    )
     return Scene(
         scene_id=f"scenes-{split}-{seed}-{index:06d}",
         index=index,
@@ -346,8 +380,13 @@ def generate_scene(seed: int, index: int, image_size: int = DEFAULT_IMAGE_SIZE,
     )
 
 
-def _try_place(cand: SceneObject, placed: list[SceneObject], masks: list[np.ndarray],
-               visible: list[np.ndarray], size: int) -> dict[int, np.ndarray] | None:
+def _try_place(
+    cand: SceneObject,
+    placed: list[SceneObject],
+    masks: list[np.ndarray],
+    visible: list[np.ndarray],
+    size: int,
+) -> dict[int, np.ndarray] | None:
     """Check a candidate drawn on top of ``placed``.
 
     Returns the updated visibility masks of the objects it overlaps, or None if it breaks a constraint.
@@ -382,10 +421,12 @@ def render_scene(scene: Scene) -> Image.Image:
     base[...] = scene.background
     if scene.texture == "noise":
         noise = np.random.default_rng(scene.texture_seed).integers(
-            -NOISE_AMPLITUDE, NOISE_AMPLITUDE + 1, size=(size, size, 1), dtype=np.int16)
+            -NOISE_AMPLITUDE, NOISE_AMPLITUDE + 1, size=(size, size, 1), dtype=np.int16
+        )
         base += noise  # grey-level noise: texture without adding any hue
     big = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB").resize(
-        (size * SUPERSAMPLE, size * SUPERSAMPLE), Image.Resampling.NEAREST)
+        (size * SUPERSAMPLE, size * SUPERSAMPLE), Image.Resampling.NEAREST
+    )
     draw = ImageDraw.Draw(big)
     for obj in scene.objects:
         _draw_object(draw, obj, COLORS[obj.color], float(SUPERSAMPLE))
@@ -431,8 +472,10 @@ def _pope_pairs(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
         absent_shapes = [s for s in SHAPES if s not in present_shapes]
         if subfamily == "random" and absent_shapes and rng.random() < RANDOM_SHAPE_ONLY_PROB:
             neg_shape = rng.choice(absent_shapes)
-            pair = [(_existence_question(pos.shape, None), YES, subfamily),
-                    (_existence_question(neg_shape, None), NO, subfamily)]
+            pair = [
+                (_existence_question(pos.shape, None), YES, subfamily),
+                (_existence_question(neg_shape, None), NO, subfamily),
+            ]
         else:
             if subfamily == "random":
                 neg = rng.choice(absent)
@@ -443,8 +486,10 @@ def _pope_pairs(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
                 swaps = [(s, c) for s, c in absent if s in present_shapes and c in present_colors]
                 shared = [(s, c) for s, c in absent if s in present_shapes or c in present_colors]
                 neg = rng.choice(swaps or shared)
-            pair = [(_existence_question(pos.shape, pos.color), YES, subfamily),
-                    (_existence_question(neg[0], neg[1]), NO, subfamily)]
+            pair = [
+                (_existence_question(pos.shape, pos.color), YES, subfamily),
+                (_existence_question(neg[0], neg[1]), NO, subfamily),
+            ]
         rng.shuffle(pair)
         out.extend(pair)
     return out
@@ -471,7 +516,8 @@ def scene_questions(scene: Scene, split: str = "custom") -> list[QuestionRecord]
     rng = _scene_rng(scene.seed, scene.index, "questions")
     objects = scene.objects
     qa: list[tuple[str, str, str, str | None]] = [
-        (q, a, "existence", sub) for q, a, sub in _pope_pairs(scene, rng)]
+        (q, a, "existence", sub) for q, a, sub in _pope_pairs(scene, rng)
+    ]
 
     shape_counts = Counter(o.shape for o in objects)
     color_counts = Counter(o.color for o in objects)
@@ -492,8 +538,9 @@ def scene_questions(scene: Scene, split: str = "custom") -> list[QuestionRecord]
     qa.append((f"How many {_PLURALS[shape]} are there?", str(shape_counts.get(shape, 0)), "count", None))
 
     margin = POSITION_MARGIN_FRAC * scene.image_size
-    candidates = [(a, b, rel) for a in objects for b in objects if a is not b
-                  for rel in _relations(a, b, margin)]
+    candidates = [
+        (a, b, rel) for a in objects for b in objects if a is not b for rel in _relations(a, b, margin)
+    ]
     if candidates:
         a, b, rel = rng.choice(candidates)
         answer = YES if rng.random() < 0.5 else NO
@@ -501,8 +548,10 @@ def scene_questions(scene: Scene, split: str = "custom") -> list[QuestionRecord]
         axis = "horizontal" if rel in ("left", "right") else "vertical"
         qa.append((f"Is the {a.name} {_RELATION_TEXT[asked]} the {b.name}?", answer, "position", axis))
 
-    return [QuestionRecord(f"{scene.scene_id}-q{k:02d}", scene.scene_id, q, a, fam, sub)
-            for k, (q, a, fam, sub) in enumerate(qa)]
+    return [
+        QuestionRecord(f"{scene.scene_id}-q{k:02d}", scene.scene_id, q, a, fam, sub)
+        for k, (q, a, fam, sub) in enumerate(qa)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -596,14 +645,20 @@ class VQADataset:
 
     def family_counts(self, by_subfamily: bool = False) -> dict[str, int]:
         """Number of samples per family (or per ``family/subfamily``)."""
-        keys = (f"{r.family}/{r.subfamily}" if by_subfamily and r.subfamily else r.family
-                for r in self.records)
+        keys = (
+            f"{r.family}/{r.subfamily}" if by_subfamily and r.subfamily else r.family for r in self.records
+        )
         return dict(Counter(keys))
 
     def filter(self, family: str | None = None, subfamily: str | None = None) -> VQADataset:
         """Samples of one family and/or subfamily."""
-        return self._subset([r for r in self.records if (family is None or r.family == family)
-                             and (subfamily is None or r.subfamily == subfamily)])
+        return self._subset(
+            [
+                r
+                for r in self.records
+                if (family is None or r.family == family) and (subfamily is None or r.subfamily == subfamily)
+            ]
+        )
 
     def _subset(self, records: list[QuestionRecord]) -> VQADataset:
         return VQADataset(self.name, self.split, records, self.image_loader, self.vocabulary)
@@ -630,9 +685,14 @@ class VQADataset:
         with path.open("w", encoding="utf-8") as fh:
             for r in self.records:
                 row: dict[str, object] = {
-                    "sample_id": r.sample_id, "dataset": self.name, "split": self.split,
-                    "scene_id": r.scene_id, "question": r.question, "answer": r.answer,
-                    "family": r.family, "subfamily": r.subfamily,
+                    "sample_id": r.sample_id,
+                    "dataset": self.name,
+                    "split": self.split,
+                    "scene_id": r.scene_id,
+                    "question": r.question,
+                    "answer": r.answer,
+                    "family": r.family,
+                    "subfamily": r.subfamily,
                 }
                 if r.scene_id in images:
                     img = images[r.scene_id]
@@ -644,8 +704,9 @@ class VQADataset:
         return path
 
 
-def make_split(split: str, n_scenes: int | None = None, seed: int | None = None,
-               image_size: int = DEFAULT_IMAGE_SIZE) -> VQADataset:
+def make_split(
+    split: str, n_scenes: int | None = None, seed: int | None = None, image_size: int = DEFAULT_IMAGE_SIZE
+) -> VQADataset:
     """Generate the questions of ``n_scenes`` scenes of a split (default :data:`DEFAULT_N_SCENES`).
 
     ``seed`` overrides the split's fixed seed (:data:`SPLIT_SEEDS`). The ``test`` split is for reporting
@@ -663,12 +724,14 @@ def make_split(split: str, n_scenes: int | None = None, seed: int | None = None,
         scene = generate_scene(seed, index, image_size, split)
         scenes[scene.scene_id] = scene
         records.extend(scene_questions(scene, split))
-    return VQADataset("scenes", split, records, lambda scene_id: render_scene(scenes[scene_id]),
-                      SCENES_VOCABULARY)
+    return VQADataset(
+        "scenes", split, records, lambda scene_id: render_scene(scenes[scene_id]), SCENES_VOCABULARY
+    )
 
 
-def load_scenes(split: str, n: int | None = None, seed: int | None = None,
-                image_size: int = DEFAULT_IMAGE_SIZE) -> VQADataset:
+def load_scenes(
+    split: str, n: int | None = None, seed: int | None = None, image_size: int = DEFAULT_IMAGE_SIZE
+) -> VQADataset:
     """The first ``n`` samples of a scenes split (all default scenes when ``n`` is None)."""
     if n is None:
         return make_split(split, seed=seed, image_size=image_size)
@@ -686,20 +749,45 @@ _NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", 
 _KIND_WORDS: dict[str, tuple[str, ...]] = {
     "yes_no": (YES, NO),
     "count": tuple(str(i) for i in range(len(_NUMBER_WORDS))),
-    "color": ("red", "green", "blue", "yellow", "purple", "orange", "gray", "teal", "black", "brown", "white",
-              "pink", "cyan"),
+    "color": (
+        "red",
+        "green",
+        "blue",
+        "yellow",
+        "purple",
+        "orange",
+        "gray",
+        "teal",
+        "black",
+        "brown",
+        "white",
+        "pink",
+        "cyan",
+    ),
     "shape": ("circle", "square", "triangle", "star", "cross", "hexagon", "rectangle", "pentagon", "diamond"),
     "position": ("left", "right", "above", "below"),
 }
 # token -> candidate canonical answers, most preferred first; the first one in the vocabulary wins.
 _ALIASES: dict[str, tuple[str, ...]] = {
-    "yeah": (YES,), "yep": (YES,), "true": (YES,), "correct": (YES,),
-    "nope": (NO,), "false": (NO,), "incorrect": (NO,),
-    "grey": ("gray",), "violet": ("purple",), "turquoise": ("teal",),
-    "round": ("circle",), "circular": ("circle",), "triangular": ("triangle",), "hexagonal": ("hexagon",),
-    "rectangular": ("rectangle", "square"), "plus": ("cross",),
+    "yeah": (YES,),
+    "yep": (YES,),
+    "true": (YES,),
+    "correct": (YES,),
+    "nope": (NO,),
+    "false": (NO,),
+    "incorrect": (NO,),
+    "grey": ("gray",),
+    "violet": ("purple",),
+    "turquoise": ("teal",),
+    "round": ("circle",),
+    "circular": ("circle",),
+    "triangular": ("triangle",),
+    "hexagonal": ("hexagon",),
+    "rectangular": ("rectangle", "square"),
+    "plus": ("cross",),
     # A square is a rectangle: accept either name for the other when only one is in the vocabulary.
-    "square": ("square", "rectangle"), "rectangle": ("rectangle", "square"),
+    "square": ("square", "rectangle"),
+    "rectangle": ("rectangle", "square"),
     **{word: (str(i),) for i, word in enumerate(_NUMBER_WORDS)},
 }
 # Fallback aliases, used only when no token matched directly: "no circles" / "none" -> "0" for counts.
