@@ -64,12 +64,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.model:
         model, processor = load_llava(args.model, dtype=args.dtype)
     else:
-        from .demo import TRAINED_PROJECTOR
-        from .zoo import load_small_llava
+        from .demo import load_demo_model
 
-        model, processor = load_small_llava(
-            projector_path=TRAINED_PROJECTOR if TRAINED_PROJECTOR.is_file() else None
-        )
+        model, processor, _ = load_demo_model()
     data = {name: list(load_dataset(name, args.split, n=args.n)) for name in args.data}
     if args.sweep:
         results = sweep(model, processor, data, args.methods, args.keeps, batch_size=args.batch_size)

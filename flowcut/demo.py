@@ -38,13 +38,19 @@ def demo_images(n_scenes: int = 3) -> list[tuple[str, Image.Image, str, str | No
     return items
 
 
-def run_demo(
-    out_dir: str | Path = "flowcut-demo", keep: int = 64, n_scenes: int = 3, max_new_tokens: int = 12
-) -> Path:
+def load_demo_model() -> tuple[object, object, bool]:
+    """``(model, processor, trained)``: the small zoo LLaVA with the shipped projector when there is one."""
     from .zoo import load_small_llava
 
     trained = TRAINED_PROJECTOR.is_file()
     model, processor = load_small_llava(projector_path=TRAINED_PROJECTOR if trained else None)
+    return model, processor, trained
+
+
+def run_demo(
+    out_dir: str | Path = "flowcut-demo", keep: int = 64, n_scenes: int = 3, max_new_tokens: int = 12
+) -> Path:
+    model, processor, trained = load_demo_model()
     if not trained:
         print(
             "note: no trained projector is shipped yet (issue #3), so the answers below come from a randomly\n"

