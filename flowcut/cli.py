@@ -1,4 +1,4 @@
-"""The ``flowcut`` command line."""
+"""The ``flowcut`` command line: run, demo, eval, analyze, bench."""
 
 from __future__ import annotations
 
@@ -138,8 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_cmd_eval)
 
     from .analysis.cli_analyze import add_parser as add_analyze
+    from .bench.cli_bench import add_parser as add_bench
 
     add_analyze(sub)
+    add_bench(sub)
     return parser
 
 
