@@ -13,6 +13,7 @@ from PIL import Image
 from .analysis.overlay import kept_patch_overlay, processed_image
 from .api import prune
 from .bench.timing import StageTimer, StageTimes
+from .models.llava import llava_parts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -58,23 +59,34 @@ class Answer:
 
 
 def _inner(model: Any) -> Any:
-    return model.model if hasattr(model, "model") and hasattr(model.model, "vision_tower") else model
+    """The ``LlavaModel`` holding ``vision_tower`` and ``language_model``."""
+    parts = llava_parts(model)
+    if parts is None:
+        raise TypeError(f"{type(model).__name__} is not a LLaVA model")
+    return parts[1]
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Any, processor: Any, images: list[Image.Image], prompts: list[str], max_new_tokens: int
+) -> list[str]:
+    """Greedy answers, one per ``(image, prompt)``; the prompts are padded on the tokenizer's side."""
+    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def ask(
     model: Any, processor: Any, image: Image.Image, prompt: str, max_new_tokens: int = 32
 ) -> tuple[str, StageTimes, float]:
     """Greedy answer to ``prompt`` about ``image`` with its stage timings."""
-    inputs = processor(images=[image], text=[prompt], return_tensors="pt")
-    inputs = {k: v.to(model.device) for k, v in inputs.items()}
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     inner = _inner(model)
-    with torch.no_grad(), StageTimer(inner.vision_tower, inner.language_model) as timer:
+    with StageTimer(inner.vision_tower, inner.language_model) as timer:
         t0 = time.perf_counter()
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        text = generate_answers(model, processor, [image], [prompt], max_new_tokens)[0]
         total = time.perf_counter() - t0
-    text = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
     return text.strip(), timer.times, total
 
 
@@ -91,12 +103,11 @@ def compare(
     """Answer unpruned, then with ``method`` at ``keep`` tokens; the model is restored afterwards."""
     prompt = build_prompt(processor, question)
     text, times, total = ask(model, processor, image, prompt, max_new_tokens)
-    patches = _num_patches(model, processor, image)
-    strategy = _inner(model).config.vision_feature_select_strategy
-    n_full = patches + (1 if strategy == "full" else 0)
-    base = Answer(text, n_full, times, total)
     with prune(model, method, keep=keep, **options) as handle:
         p_text, p_times, p_total = ask(model, processor, image, prompt, max_new_tokens)
+    # Visual tokens the language model reads: the patches the tower saw, plus CLS with the "full" strategy.
+    n_full = handle.num_patches + int(_inner(model).config.vision_feature_select_strategy == "full")
+    base = Answer(text, n_full, times, total)
     pruned = Answer(
         p_text,
         min(keep, n_full),
@@ -106,12 +117,6 @@ def compare(
         tokens_per_layer=handle.tokens_per_layer,
     )
     return base, pruned
-
-
-def _num_patches(model: Any, processor: Any, image: Image.Image) -> int:
-    pv = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
-    ps = _inner(model).config.vision_config.patch_size
-    return (pv.shape[-2] // ps) * (pv.shape[-1] // ps)
 
 
 def save_overlay(

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..api import prune
-from ..inference import build_prompt
+from ..inference import build_prompt, generate_answers
 from .scenes import normalize_answer
 
 
@@ -78,13 +78,7 @@ def predict(
     try:
         for batch in _batches(samples, batch_size):
             prompts = [build_prompt(processor, s.prompt()) for s in batch]
-            inputs = processor(
-                images=[s.image for s in batch], text=prompts, return_tensors="pt", padding=True
-            )
-            inputs = {k: v.to(model.device) for k, v in inputs.items()}
-            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            texts = generate_answers(model, processor, [s.image for s in batch], prompts, max_new_tokens)
             answers += [normalize_answer(t, s.vocabulary) for t, s in zip(texts, batch, strict=True)]
             if bar is not None:
                 bar.update(len(batch))

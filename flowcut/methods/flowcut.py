@@ -227,12 +227,8 @@ class FlowCutSelector:
         self.cumulative: torch.Tensor | None = None
 
     def start(self, consume_layer: int) -> None:
-        """``consume_layer``: ``F``, the encoder layer whose output the model consumes (0-based)."""
-        if consume_layer < 1:
-            raise ValueError(
-                f"FlowCut must finish pruning at the output of layer F-1, so the consumed layer F must be >= 1; "
-                f"got F={consume_layer}. Read a later hidden state (feature_layer >= 2 or a negative index)."
-            )
+        """``consume_layer``: ``F >= 1``, the encoder layer whose output the model consumes (0-based); the
+        model adapter validates it when it attaches."""
         self.consume_layer = consume_layer
         self.cumulative = None
 
