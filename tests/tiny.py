@@ -121,14 +121,21 @@ def processor() -> LlavaProcessor:
     )
 
 
-def llava(seed: int = 0, attn: str = "sdpa", dtype=torch.float32, strategy: str = "default", layers: int = 4):
+def llava(
+    seed: int = 0,
+    attn: str = "sdpa",
+    dtype=torch.float32,
+    strategy: str = "default",
+    layers: int = 4,
+    text_layers: int = 2,
+):
     tok = tokenizer()
     torch.manual_seed(seed)
     text = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=text_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,

@@ -27,6 +27,8 @@ from typing import Literal
 
 import torch
 
+from .llm_base import LLMContext, top_per_image
+
 SemanticScaling = Literal["code", "paper"]
 
 # Table 10 / Eq. 6: the released default weighs history and current score equally.
@@ -258,3 +260,78 @@ class FlowCutSelector:
             idx = idx.sort(dim=-1).values  # raster order survives (SPEC: re-sort ascending)
             self.cumulative = torch.gather(self.cumulative, 1, idx)
         return idx
+
+
+# --------------------------------------------------------------------------------------------------
+# Second stage inside the language model (LLaVA-NeXT, Qwen2-VL; SPEC "Two-stage pruning")
+# --------------------------------------------------------------------------------------------------
+
+# SPEC: the second stage prunes at the output of decoder layer 1 (the LLM's second layer).
+LLM_STAGE_LAYER = 1
+
+
+def llm_stage_scores(
+    ctx: LLMContext, query: str = "visual_mean", semantic_scaling: SemanticScaling = "code"
+) -> torch.Tensor:
+    """Formula 4 on the visual tokens of every image, with a global query built in the decoder layer.
+
+    ``query="visual_mean"`` (SPEC): the mean of the image's visual queries (and mean value for ``s``);
+    ``"last_text"`` (the authors' LLaVA-NeXT / Qwen2-VL code): the last prompt token's query and value.
+    Softmaxes run over the image's visual keys only. Returns ``(B, T)`` (meaningful at visual columns).
+    """
+    dtype = _score_dtype(ctx.q.dtype)
+    b, h, t, d = ctx.q.shape
+    group = h // ctx.k.shape[1]
+    k = ctx.k.repeat_interleave(group, dim=1).to(dtype)  # (B, H, T, d)
+    v = ctx.v.repeat_interleave(group, dim=1).to(dtype)
+    q = ctx.q.to(dtype)
+    out = torch.zeros(b, t, dtype=dtype, device=q.device)
+    rows = torch.arange(b, device=q.device)
+    n_images = int(ctx.image_index.max()) + 1 if bool(ctx.visual.any()) else 0
+    for img in range(n_images):
+        sel = ctx.visual & (ctx.image_index == img)  # (B, T)
+        if not bool(sel.any()):
+            continue
+        w = sel.to(dtype)[:, None, :, None]  # (B, 1, T, 1)
+        count = sel.sum(dim=1).clamp(min=1).to(dtype)[:, None, None]  # (B, 1, 1)
+        if query == "visual_mean":
+            q_g = (q * w).sum(dim=2) / count  # (B, H, d)
+            v_g = (v * w).sum(dim=2) / count
+        else:
+            q_g = q[rows, :, ctx.query_index]
+            v_g = v[rows, :, ctx.query_index]
+        key_mask = ~sel[:, None, :]
+        a_logits = torch.einsum("bhd,bhtd->bht", q_g * ctx.scale, k).masked_fill(key_mask, float("-inf"))
+        s_logits = torch.einsum("bhd,bhtd->bht", v_g, v)
+        if semantic_scaling == "paper" or query == "last_text":
+            s_logits = s_logits / math.sqrt(d)  # the release's LLM stage scales it too
+        s_logits = s_logits.masked_fill(key_mask, float("-inf"))
+        a = a_logits.softmax(-1).nan_to_num(0.0).mean(1)  # (B, T)
+        s = s_logits.softmax(-1).nan_to_num(0.0).mean(1)
+        n = v.mean(dim=1).abs().sum(-1) * sel  # (B, T)
+        score = (
+            a / a.sum(-1, keepdim=True).clamp_min(1e-30) + s / s.sum(-1, keepdim=True).clamp_min(1e-30)
+        ) * n
+        out = torch.where(sel, score, out)
+    return out
+
+
+class FlowCutLLMSelector:
+    """FlowCut's language-model stage: keep ``keep`` visual tokens per image at the output of layer 1."""
+
+    def __init__(
+        self, keep: int, query: str = "visual_mean", semantic_scaling: SemanticScaling = "code"
+    ) -> None:
+        self.keep = keep
+        self.query = query
+        self.semantic_scaling = semantic_scaling
+
+    def prune_layers(self, num_layers: int, num_visual: int) -> list[int]:
+        return [LLM_STAGE_LAYER] if num_visual > self.keep else []
+
+    def select(self, ctx: LLMContext) -> torch.Tensor | None:
+        if int(ctx.visual_counts().max()) <= self.keep:
+            return None
+        with torch.no_grad():
+            scores = llm_stage_scores(ctx, self.query, self.semantic_scaling)
+        return top_per_image(scores, ctx, self.keep)

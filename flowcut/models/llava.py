@@ -26,7 +26,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .vit import EncoderPruner, EncoderSelector, consumed_layer, tower_spec
+from ..methods.llm_base import LLMSelector
+from .llm import DecoderPruner
+from .vit import EncoderPassRecord, EncoderPruner, EncoderSelector, consumed_layer, tower_spec
 
 IGNORE_INDEX = -100  # transformers' loss ignore index
 
@@ -139,10 +141,40 @@ class _Layout:
     patch_size: int
 
 
-class LlavaAttachment:
-    """Vision-stage pruning on a LLaVA instance: an :class:`EncoderPruner` on its tower plus prompt surgery."""
+def visual_layout(
+    input_ids: torch.Tensor,
+    image_token_id: int,
+    per_image: int,
+    attention_mask: torch.Tensor | None,
+    prompt_len: int,
+) -> dict[str, torch.Tensor]:
+    """What the language-model stage needs about a prompt: visual/valid masks (B, T), the image each visual
+    token belongs to (B, T; -1 elsewhere) and the index of the last prompt token of every row (B,).
 
-    def __init__(self, model: nn.Module, make_selector: Callable[[int], EncoderSelector], keep: int) -> None:
+    ``prompt_len``: columns that belong to the prompt (generation without a cache re-feeds the prompt plus
+    the new tokens; the query is still the prompt's last token).
+    """
+    visual = input_ids == image_token_id
+    valid = torch.ones_like(visual) if attention_mask is None else attention_mask.bool()
+    ordinal = visual.long().cumsum(dim=1) - 1
+    image_index = torch.where(visual, ordinal // per_image, torch.full_like(ordinal, -1))
+    cols = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(visual)
+    in_prompt = valid & (cols < prompt_len)
+    query_index = torch.where(in_prompt, cols, torch.full_like(cols, -1)).max(dim=1).values
+    return {"visual": visual, "valid": valid, "image_index": image_index, "query_index": query_index}
+
+
+class LlavaAttachment:
+    """Pruning on a LLaVA instance: an :class:`EncoderPruner` on its tower plus prompt surgery (vision stage)
+    and/or a :class:`DecoderPruner` on its language model (LLM stage)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        make_selector: Callable[[int], EncoderSelector | None],
+        keep: int,
+        make_llm_selector: Callable[[int], LLMSelector | None] | None = None,
+    ) -> None:
         parts = llava_parts(model)
         if parts is None:
             raise TypeError(f"{type(model).__name__} is not a LLaVA model")
@@ -179,7 +211,14 @@ class LlavaAttachment:
         self.strategy = strategy
 
         consume = consumed_layer(cfg.vision_feature_layer, spec.num_layers)
-        self.encoder = EncoderPruner(spec, make_selector(keep_patches), consume)
+        selector = make_selector(keep_patches)
+        self.encoder = EncoderPruner(spec, selector, consume) if selector is not None else None
+        if self.encoder is None:
+            self.keep_patches = None  # the prompt keeps every placeholder; the LLM stage prunes
+        llm_selector = make_llm_selector(keep) if make_llm_selector is not None else None
+        self.decoder = DecoderPruner(inner.language_model, llm_selector) if llm_selector is not None else None
+        self._prompt_len: int | None = None
+        self._last_layout: tuple[dict[str, torch.Tensor], int] | None = None
         self._signature = inspect.signature(self.outer.forward)
         self._handles: list[RemovableHandle] = [
             self.outer.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
@@ -196,6 +235,8 @@ class LlavaAttachment:
         lay = self.layout
         n_patches = (pixel_values.shape[-2] // lay.patch_size) * (pixel_values.shape[-1] // lay.patch_size)
         per_image = n_patches + lay.has_cls - lay.has_cls_dropped
+        if self.keep_patches is None:
+            return per_image, per_image
         kept = min(self.keep_patches, n_patches) + lay.has_cls - lay.has_cls_dropped
         return per_image, kept
 
@@ -242,6 +283,14 @@ class LlavaAttachment:
         extra = inputs.pop("kwargs", {})
         inputs.update(extra)
         result = self.compact_inputs(inputs)
+        if self.decoder is not None and inputs.get("pixel_values") is not None:
+            final = result[0] if result is not None else inputs
+            ids = final["input_ids"]
+            _, kept = self.placeholders(inputs["pixel_values"])
+            prompt_len = ids.shape[1] if self._prompt_len is None else self._prompt_len
+            layout = visual_layout(ids, self.image_token_id, kept, final.get("attention_mask"), prompt_len)
+            self._last_layout = (layout, kept)
+            self.decoder.begin(**layout)
         if result is None:
             return None
         return (), result[0]
@@ -262,14 +311,23 @@ class LlavaAttachment:
                 kwargs["input_ids"] = kwargs.pop("inputs")
             result = self.compact_inputs(kwargs)
             if result is None:
-                return original(*args, **kwargs)
+                ids = kwargs.get("input_ids")
+                self._prompt_len = ids.shape[1] if isinstance(ids, torch.Tensor) else None
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    self._prompt_len = None
             new_kwargs, new_len = result
             caller_ids = kwargs["input_ids"]
             for name in ("max_length", "min_length"):
                 if new_kwargs.get(name) is not None:
                     # These count the prompt: keep the same budget of new tokens as the unpruned call.
                     new_kwargs[name] = new_kwargs[name] - (caller_ids.shape[1] - new_len)
-            out = original(*args, **new_kwargs)
+            self._prompt_len = new_len
+            try:
+                out = original(*args, **new_kwargs)
+            finally:
+                self._prompt_len = None
             if isinstance(out, torch.Tensor):
                 return torch.cat([caller_ids, out[:, new_len:]], dim=1)
             out.sequences = torch.cat([caller_ids, out.sequences[:, new_len:]], dim=1)
@@ -280,11 +338,40 @@ class LlavaAttachment:
 
     # -- handle interface -------------------------------------------------------------------------------
     @property
-    def record(self):  # noqa: ANN201 - EncoderPassRecord
-        return self.encoder.record
+    def record(self) -> EncoderPassRecord:
+        """The vision stage's record; for LLM-only methods, the visual tokens that survived the last stage
+        (their index among the image's placeholders) in the same form."""
+        if self.encoder is not None:
+            return self.encoder.record
+        return self._llm_record()
+
+    def _llm_record(self) -> EncoderPassRecord:
+        if self._last_layout is None or self.decoder is None:
+            return EncoderPassRecord()
+        layout, per_image = self._last_layout
+        kept_cols = self.decoder.record.kept_positions
+        visual = layout["visual"]
+        rows = []
+        for r in range(visual.shape[0]):
+            cols = kept_cols[-1][r] if kept_cols else torch.arange(visual.shape[1], device=visual.device)
+            cols = cols[cols >= 0]
+            cols = cols[visual[r, cols]]
+            ordinal = visual[r].long().cumsum(0)[cols] - 1
+            for img in ordinal.div(per_image, rounding_mode="floor").unique(sorted=True):
+                rows.append(ordinal[ordinal // per_image == img] % per_image)
+        if not rows or len({len(x) for x in rows}) != 1:
+            return EncoderPassRecord(num_patches=per_image)
+        return EncoderPassRecord(kept_indices=torch.stack(rows), num_patches=per_image)
+
+    @property
+    def llm_record(self):  # noqa: ANN201 - LLMPassRecord | None
+        return self.decoder.record if self.decoder is not None else None
 
     def remove(self) -> None:
-        self.encoder.remove()
+        if self.encoder is not None:
+            self.encoder.remove()
+        if self.decoder is not None:
+            self.decoder.remove()
         for h in self._handles:
             h.remove()
         self._handles.clear()
