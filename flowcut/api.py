@@ -11,8 +11,13 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .methods.flowcut import FlowCutConfig, FlowCutSelector
+from .methods.fastervlm import FasterVLMConfig, FasterVLMSelector
+from .methods.fastv import FastVConfig, FastVSelector
+from .methods.flowcut import FlowCutConfig, FlowCutLLMSelector, FlowCutSelector
+from .methods.pdrop import PDropConfig, PDropSelector
 from .methods.reference import GridConfig, GridSelector, RandomConfig, RandomSelector
+from .methods.sparsevlm import SparseVLMConfig, SparseVLMSelector
+from .methods.visionzip import VisionZipConfig, VisionZipSelector
 from .models.llava import LlavaAttachment, llava_parts
 from .models.vit import SUPPORTED_TOWERS, EncoderPassRecord, EncoderPruner, consumed_layer, tower_spec
 
@@ -26,20 +31,50 @@ class _Attachment(Protocol):
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its config class and how to build its encoder selector for a patch budget."""
+    """A registered method: its config class and how to build its selectors.
+
+    ``make_selector(cfg, keep)``: the vision-encoder selector for a patch budget, or ``None`` for methods
+    that prune only inside the language model. ``make_llm_selector(cfg, keep)``: the language-model
+    selector (``None``: vision stage only). ``make_second_stage(cfg, keep)``: for two-stage models
+    (LLaVA-NeXT, Qwen2-VL), the language-model stage that follows the vision stage (SPEC "Two-stage").
+    """
 
     name: str
     config_cls: type
-    make_selector: Callable[[Any, int], Any]
+    make_selector: Callable[[Any, int], Any] | None
+    make_llm_selector: Callable[[Any, int], Any] | None = None
+    make_second_stage: Callable[[Any, int], Any] | None = None
+
+    @property
+    def prunes_in_llm_only(self) -> bool:
+        return self.make_selector is None
 
 
 METHODS: dict[str, MethodSpec] = {
-    "flowcut": MethodSpec("flowcut", FlowCutConfig, lambda cfg, keep: FlowCutSelector(cfg, keep=keep)),
+    "flowcut": MethodSpec(
+        "flowcut",
+        FlowCutConfig,
+        lambda cfg, keep: FlowCutSelector(cfg, keep=keep),
+        make_second_stage=lambda cfg, keep: FlowCutLLMSelector(keep, semantic_scaling=cfg.semantic_scaling),
+    ),
+    "fastv": MethodSpec("fastv", FastVConfig, None, lambda cfg, keep: FastVSelector(cfg, keep)),
+    "pdrop": MethodSpec("pdrop", PDropConfig, None, lambda cfg, keep: PDropSelector(cfg, keep)),
+    "sparsevlm": MethodSpec(
+        "sparsevlm", SparseVLMConfig, None, lambda cfg, keep: SparseVLMSelector(cfg, keep)
+    ),
     "random": MethodSpec("random", RandomConfig, lambda cfg, keep: RandomSelector(cfg, keep)),
     "grid": MethodSpec("grid", GridConfig, lambda cfg, keep: GridSelector(cfg, keep)),
+    "fastervlm": MethodSpec("fastervlm", FasterVLMConfig, lambda cfg, keep: FasterVLMSelector(cfg, keep)),
+    "visionzip": MethodSpec("visionzip", VisionZipConfig, lambda cfg, keep: VisionZipSelector(cfg, keep)),
 }
 
-SUPPORTED_MODELS = (*SUPPORTED_TOWERS, "LlavaForConditionalGeneration", "LlavaModel")
+SUPPORTED_MODELS = (
+    *SUPPORTED_TOWERS,
+    "LlavaForConditionalGeneration",
+    "LlavaModel",
+    "LlavaNextForConditionalGeneration",
+    "LlavaNextModel",
+)
 
 # Which model instances carry a handle; kept off the model so that nothing is hung on its attributes.
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, PruneHandle] = weakref.WeakKeyDictionary()
@@ -61,6 +96,7 @@ class PruneHandle:
         self.config = config
         self._attachment: _Attachment | None = attachment
         self._final: EncoderPassRecord | None = None  # the last record, kept after remove()
+        self._final_llm: Any = None
 
     @property
     def active(self) -> bool:
@@ -84,6 +120,15 @@ class PruneHandle:
         return list(self._record().tokens_per_layer)
 
     @property
+    def llm_record(self) -> Any:
+        """For methods that prune inside the language model: ``LLMPassRecord`` of the last prefill, whose
+        ``kept_positions[s]`` (B, T_s) are the original sequence positions alive after the ``s``-th prune
+        layer (-1: a filler column); ``None`` for vision-only methods."""
+        if self._attachment is None:
+            return self._final_llm
+        return getattr(self._attachment, "llm_record", None)
+
+    @property
     def num_patches(self) -> int:
         """Patch tokens per image before pruning, in the last forward."""
         return self._record().num_patches
@@ -93,6 +138,7 @@ class PruneHandle:
         if self._attachment is None:
             return
         self._final = self._attachment.record
+        self._final_llm = getattr(self._attachment, "llm_record", None)
         try:
             self._attachment.remove()
         finally:
@@ -157,13 +203,46 @@ def prune(model: nn.Module, method: str = "flowcut", *, keep: int, **options: An
     spec = METHODS[method]
     config = _build_config(spec, keep, options)
 
-    if llava_parts(model) is not None:
+    from .models.llava_next import LlavaNextAttachment, llava_next_parts
+
+    if llava_next_parts(model) is not None:
+        if getattr(config, "feature_layer", None) is not None:
+            raise ValueError(
+                "feature_layer is read from the LLaVA-NeXT config (vision_feature_layer); do not pass it"
+            )
+        from .models.llm import DecoderPruner
+
+        if spec.make_selector is None:  # LLM-only methods: every crop whole, the decoder prunes to K
+            make_encoder = lambda k: None  # noqa: E731
+            second = spec.make_llm_selector
+        else:
+            make_encoder = lambda k: spec.make_selector(config, k)  # noqa: E731
+            second = spec.make_second_stage  # FlowCut: K/2 per crop, then K in the LLM (SPEC)
+        attachment: _Attachment = LlavaNextAttachment(
+            model,
+            make_encoder,
+            config.keep,
+            two_stage=spec.make_selector is not None and second is not None,
+            make_llm_stage=(lambda lm: DecoderPruner(lm, second(config, config.keep))) if second else None,
+        )
+    elif llava_parts(model) is not None:
         if getattr(config, "feature_layer", None) is not None:
             raise ValueError(
                 "feature_layer is read from the LLaVA config (vision_feature_layer); do not pass it for LLaVA"
             )
-        attachment: _Attachment = LlavaAttachment(model, lambda k: spec.make_selector(config, k), config.keep)
+        make_encoder = (
+            (lambda k: spec.make_selector(config, k)) if spec.make_selector is not None else (lambda k: None)
+        )
+        make_llm = (
+            (lambda k: spec.make_llm_selector(config, k)) if spec.make_llm_selector is not None else None
+        )
+        attachment: _Attachment = LlavaAttachment(model, make_encoder, config.keep, make_llm)
     else:
+        if spec.make_selector is None:
+            raise TypeError(
+                f"{method!r} prunes inside the language model; pass the whole vision-language model "
+                f"(e.g. LlavaForConditionalGeneration), not {type(model).__name__}"
+            )
         try:
             tower = tower_spec(model)
         except TypeError:

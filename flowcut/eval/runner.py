@@ -157,8 +157,8 @@ def sweep(
         results.append(ref)
         for keep in keeps:
             for m in methods:
-                results.append(
-                    evaluate(
+                try:
+                    result = evaluate(
                         model,
                         processor,
                         samples,
@@ -169,8 +169,42 @@ def sweep(
                         batch_size=batch_size,
                         progress=progress,
                     )
-                )
+                except ValueError as err:  # a budget the method cannot reach (e.g. PDrop's first stage)
+                    print(f"skipped {name} {m}@{keep}: {err}")
+                    continue
+                results.append(result)
     return results
+
+
+def pivot_table(results: Sequence[EvalResult]) -> str:
+    """The paper's Table 1 layout: per dataset, one row per method, one column per kept-token budget;
+    cells are ``accuracy (retention)``; ``n/a`` where a method cannot reach the budget."""
+    blocks = []
+    for name in sorted({r.dataset for r in results}):
+        rows = [r for r in results if r.dataset == name]
+        ref = next((r for r in rows if r.method == "unpruned"), None)
+        keeps = sorted({r.keep for r in rows if r.keep is not None}, reverse=True)
+        methods = list(dict.fromkeys(r.method for r in rows if r.method != "unpruned"))
+        n = rows[0].n
+        head = ["method", *(f"{k} tokens" for k in keeps)]
+        lines = [
+            f"**{name}** (n={n}; unpruned accuracy {100 * ref.accuracy:.1f}%)" if ref else f"**{name}**",
+            "",
+        ]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for m in methods:
+            cells = []
+            for k in keeps:
+                r = next((x for x in rows if x.method == m and x.keep == k), None)
+                if r is None:
+                    cells.append("n/a")
+                elif r.retention is None:
+                    cells.append(f"{100 * r.accuracy:.1f}")
+                else:
+                    cells.append(f"{100 * r.accuracy:.1f} ({100 * r.retention:.0f}%)")
+            lines.append("| " + " | ".join([m, *cells]) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def markdown_table(results: Sequence[EvalResult]) -> str:
@@ -197,7 +231,10 @@ def write_reports(results: Sequence[EvalResult], out_dir: str | Path, stem: str 
     paths["json"].write_text(
         json.dumps([{**r.summary(), "answers": r.answers} for r in results], indent=1) + "\n"
     )
-    paths["md"].write_text(markdown_table(results) + "\n")
+    text = markdown_table(results) + "\n"
+    if len({r.keep for r in results if r.keep is not None}) > 1:
+        text = pivot_table(results) + "\n\n" + text
+    paths["md"].write_text(text)
     if len({r.keep for r in results if r.keep is not None}) > 1:
         paths["png"] = plot_sweep(results, out / f"{stem}.png")
     return paths

