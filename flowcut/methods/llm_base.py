@@ -35,18 +35,32 @@ class LLMContext:
         return counts.scatter_add_(1, idx, self.visual.long())
 
 
+@dataclass
+class LLMSelection:
+    """A selector's answer that also rewrites hidden states (e.g. SparseVLM's recycled tokens).
+
+    ``keep``: (B, T) bool keep mask, as a plain mask answer. ``hidden``: (B, T, D) replacement for the
+    layer's output (``None``: unchanged); only visual columns may differ from ``ctx.hidden``. A kept column
+    keeps its original position whatever its new hidden state.
+    """
+
+    keep: torch.Tensor  # (B, T) bool
+    hidden: torch.Tensor | None = None  # (B, T, D)
+
+
 class LLMSelector(Protocol):
     """What a method implements to prune inside the language model.
 
     ``prune_layers(num_layers, num_visual)``: the decoder layers (0-based) at whose output it prunes, given
     the most visual tokens any image of the batch has; asked at the start of every prefill.
-    ``select(ctx)``: at each of those layers, a (B, T) bool keep mask (visual columns only may be False) or
-    ``None`` to keep everything.
+    ``select(ctx)``: at each of those layers, a (B, T) bool keep mask (visual columns only may be False),
+    an :class:`LLMSelection` (a mask plus new hidden states for visual columns), or ``None`` to keep
+    everything.
     """
 
     def prune_layers(self, num_layers: int, num_visual: int) -> Sequence[int]: ...
 
-    def select(self, ctx: LLMContext) -> torch.Tensor | None: ...
+    def select(self, ctx: LLMContext) -> torch.Tensor | LLMSelection | None: ...
 
 
 def top_per_image(scores: torch.Tensor, ctx: LLMContext, keep: int) -> torch.Tensor:

@@ -5,9 +5,10 @@ at each of them, which visual tokens stay. :class:`DecoderPruner` does the plumb
 ``language_model`` instance (hooks only; nothing is assigned to a transformers class):
 
 * prefill: at a prune layer, ``q``/``k``/``v`` are captured from the projections (RoPE applied with the
-  layer's own ``position_embeddings``), the selector returns a keep mask, and the layer's output is
-  gathered. Rows that keep fewer tokens than the longest row are filled on the left with inert tokens
-  (zeros, masked as keys), so a batch stays one tensor. Every later layer gets, through a forward
+  layer's own ``position_embeddings``), the selector returns a keep mask (optionally with new hidden states
+  for the visual tokens it keeps, :class:`LLMSelection`), and the layer's output is gathered. Rows that
+  keep fewer tokens than the longest row are filled on the left with inert tokens (zeros, masked as
+  keys), so a batch stays one tensor. Every later layer gets, through a forward
   pre-hook, the gathered ``position_embeddings`` / ``position_ids`` (kept tokens keep their *original*
   positions) and a 4-D mask built from the original positions (causal, padding and fillers masked);
 * the model output: ``last_hidden_state`` is scattered back to the caller's length (zeros at dropped
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ..methods.llm_base import LLMContext, LLMSelector
+from ..methods.llm_base import LLMContext, LLMSelection, LLMSelector
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 
@@ -271,8 +272,22 @@ class DecoderPruner:
                 hidden=hidden,
             )
             keep = self.selector.select(ctx)
+            rewritten = None
+            if isinstance(keep, LLMSelection):  # the selector also rewrites visual tokens it keeps
+                keep, rewritten = keep.keep, keep.hidden
+            if rewritten is not None:
+                if rewritten.shape != hidden.shape:
+                    raise RuntimeError(
+                        f"the selector returned hidden states of shape {tuple(rewritten.shape)} at layer "
+                        f"{i}; expected {tuple(hidden.shape)}"
+                    )
+                if bool((rewritten != hidden)[~state["visual"]].any()):
+                    raise RuntimeError(f"the selector rewrote non-visual tokens at layer {i}")
+                hidden = rewritten.to(hidden.dtype)
             if keep is None or bool(keep.all()):
-                return None
+                if rewritten is None:
+                    return None
+                return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
             if bool((~keep & ~state["visual"]).any()):
                 raise RuntimeError(f"the selector dropped non-visual tokens at layer {i}")
             new_hidden = self._shrink(i, keep, hidden, state, pe)
