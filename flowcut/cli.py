@@ -130,7 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--method", default=None, choices=available_methods())
     ev.add_argument("--keep", type=int, default=None)
     ev.add_argument("--sweep", action="store_true", help="methods x keeps table and plot")
-    ev.add_argument("--methods", nargs="+", default=["flowcut", "random", "grid"])
+    ev.add_argument(
+        "--methods",
+        nargs="+",
+        default=["flowcut", "visionzip", "fastervlm", "sparsevlm", "pdrop", "fastv", "random", "grid"],
+        choices=available_methods(),
+    )
     ev.add_argument("--keeps", nargs="+", type=int, default=[128, 64, 32, 16])
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -42,22 +42,42 @@ def test_keep_all_reproduces_the_unpruned_answers_and_reports(tmp_path) -> None:
     assert same.answers == ref.answers
     assert same.agreement == 1.0
     assert same.accuracy == ref.accuracy
+    deep = tiny.llava(seed=12, text_layers=4)
     results = sweep(
-        model, proc, {"scenes": samples}, ["flowcut", "grid"], keeps=(16, 4), batch_size=6, progress=False
+        deep,
+        proc,
+        {"scenes": samples},
+        ["flowcut", "grid", "pdrop"],
+        keeps=(16, 4),
+        batch_size=6,
+        progress=False,
     )
+    # PDrop cannot average 4 visual tokens when its unpruned first layers alone average 16: skipped
     assert [(r.method, r.keep) for r in results] == [
         ("unpruned", None),
         ("flowcut", 16),
         ("grid", 16),
+        ("pdrop", 16),
         ("flowcut", 4),
         ("grid", 4),
     ]
     assert all(0.0 <= r.agreement <= 1.0 for r in results)
     paths = write_reports(results, tmp_path, "sweep")
     table = paths["md"].read_text()
-    assert table.count("\n") == len(results) + 2 and "| scenes | grid | 4 |" in table
+    assert "| scenes | grid | 4 |" in table
+    pivot = table.split("\n\n| data |")[0]
+    assert "| method | 16 tokens | 4 tokens |" in pivot
+    assert [
+        line.split(" | ")[0] for line in pivot.splitlines() if line.startswith("| ") and "---" not in line
+    ] == [
+        "| method",
+        "| flowcut",
+        "| grid",
+        "| pdrop",
+    ]
+    assert pivot.rstrip().endswith("| n/a |")  # pdrop at 4 tokens
     data = json.loads(paths["json"].read_text())
-    assert len(data) == 5 and len(data[0]["answers"]) == 6
+    assert len(data) == 6 and len(data[0]["answers"]) == 6
     assert paths["png"].stat().st_size > 1000
     assert markdown_table(results).startswith("| data | method | tokens |")
 

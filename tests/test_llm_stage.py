@@ -56,10 +56,17 @@ def test_generate_with_cache_equals_without_cache(proc, attn, method, options) -
     inputs = _inputs(proc, seed=3)
     assert bool((inputs["attention_mask"][:, 0] == 0).any())  # really left-padded
     kwargs = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}
-    with torch.no_grad(), flowcut.prune(model, method, keep=12, **options):
-        cached = model.generate(**inputs, **kwargs)
-        uncached = model.generate(**inputs, use_cache=False, **kwargs)
+    with torch.no_grad():
+        unpruned = model.generate(**inputs, **kwargs)
+        with flowcut.prune(model, method, keep=12, **options) as h:
+            cached = model.generate(**inputs, **kwargs)
+            assert h.llm_record.kept_positions  # generate's prefill really pruned
+            uncached = model.generate(**inputs, use_cache=False, **kwargs)
+            assert h.llm_record.kept_positions
+            logits = model(**inputs).logits[:, -1]
+        assert not torch.allclose(logits, model(**inputs).logits[:, -1], atol=1e-4)
     assert torch.equal(cached, uncached)
+    assert cached.shape == unpruned.shape
     assert torch.equal(cached[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
 
 

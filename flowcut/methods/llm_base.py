@@ -101,4 +101,11 @@ def last_token_attention(ctx: LLMContext) -> torch.Tensor:
     """(B, T): attention of the last prompt token over every real token (FastV, PDrop)."""
     rows = torch.arange(ctx.q.shape[0], device=ctx.q.device)
     query = ctx.q[rows, :, ctx.query_index]  # (B, H, d)
-    return attention_row(ctx, query, ctx.valid)
+    return attention_row(ctx, query, ctx.valid & causal_keys(ctx))
+
+
+def causal_keys(ctx: LLMContext) -> torch.Tensor:
+    """(B, T) bool: the keys the last prompt token sees (not the tokens generated after it, which a
+    forward without a KV cache carries along)."""
+    cols = torch.arange(ctx.valid.shape[1], device=ctx.valid.device)
+    return cols[None, :] <= ctx.query_index[:, None]

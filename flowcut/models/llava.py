@@ -218,6 +218,7 @@ class LlavaAttachment:
         llm_selector = make_llm_selector(keep) if make_llm_selector is not None else None
         self.decoder = DecoderPruner(inner.language_model, llm_selector) if llm_selector is not None else None
         self._prompt_len: int | None = None
+        self._gen_kept: int | None = None  # kept placeholders per image, while generate() runs
         self._last_layout: tuple[dict[str, torch.Tensor], int] | None = None
         self._signature = inspect.signature(self.outer.forward)
         self._handles: list[RemovableHandle] = [
@@ -283,10 +284,15 @@ class LlavaAttachment:
         extra = inputs.pop("kwargs", {})
         inputs.update(extra)
         result = self.compact_inputs(inputs)
-        if self.decoder is not None and inputs.get("pixel_values") is not None:
+        # A forward that inserts images (a prefill) carries pixel_values, or, inside generate(), the images
+        # encoded beforehand (`mm_encoder_outputs`); the per-image placeholder count then comes from the
+        # wrapped generate call. Decode steps carry neither, even if a generated token is the image token.
+        pixel_values = inputs.get("pixel_values")
+        encoded = inputs.get("mm_encoder_outputs") is not None and self._gen_kept is not None
+        if self.decoder is not None and (pixel_values is not None or encoded):
             final = result[0] if result is not None else inputs
             ids = final["input_ids"]
-            _, kept = self.placeholders(inputs["pixel_values"])
+            kept = self.placeholders(pixel_values)[1] if pixel_values is not None else self._gen_kept
             prompt_len = ids.shape[1] if self._prompt_len is None else self._prompt_len
             layout = visual_layout(ids, self.image_token_id, kept, final.get("attention_mask"), prompt_len)
             self._last_layout = (layout, kept)
@@ -310,6 +316,8 @@ class LlavaAttachment:
             elif isinstance(kwargs.get("inputs"), torch.Tensor) and "input_ids" not in kwargs:
                 kwargs["input_ids"] = kwargs.pop("inputs")
             result = self.compact_inputs(kwargs)
+            pixel_values = kwargs.get("pixel_values")
+            self._gen_kept = self.placeholders(pixel_values)[1] if pixel_values is not None else None
             if result is None:
                 ids = kwargs.get("input_ids")
                 self._prompt_len = ids.shape[1] if isinstance(ids, torch.Tensor) else None
@@ -317,6 +325,7 @@ class LlavaAttachment:
                     return original(*args, **kwargs)
                 finally:
                     self._prompt_len = None
+                    self._gen_kept = None
             new_kwargs, new_len = result
             caller_ids = kwargs["input_ids"]
             for name in ("max_length", "min_length"):
@@ -328,6 +337,7 @@ class LlavaAttachment:
                 out = original(*args, **new_kwargs)
             finally:
                 self._prompt_len = None
+                self._gen_kept = None
             if isinstance(out, torch.Tensor):
                 return torch.cat([caller_ids, out[:, new_len:]], dim=1)
             out.sequences = torch.cat([caller_ids, out.sequences[:, new_len:]], dim=1)
