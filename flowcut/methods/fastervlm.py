@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .flowcut import _check_int, _score_dtype, attention_strength, global_query_value
+from .reference import OneShotSelector
 
 
 @dataclass(frozen=True)
@@ -61,31 +62,11 @@ def top_patches(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return scores.topk(keep, dim=-1).indices.sort(dim=-1).values
 
 
-class ConsumedLayerSelector:
+class ConsumedLayerSelector(OneShotSelector):
     """Base of the methods that act once, on the output of the consumed layer ``F`` (with ``F``'s own
     ``q, k, v``), i.e. on the features the model reads. Subclasses implement :meth:`select`."""
 
-    def __init__(self, keep: int) -> None:
-        self.keep = keep
-        self.consume_layer = 0
-
-    def start(self, consume_layer: int) -> None:
-        self.consume_layer = consume_layer
-
-    def needs_scores(self, num_patches: int) -> bool:
-        return num_patches > self.keep
-
-    def step(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, has_cls: bool
-    ):
-        """``None`` except at the consumed layer, where :meth:`select` decides (indices or a merge plan)."""
-        if layer != self.consume_layer:
-            return None
-        with torch.no_grad():
-            return self.select(q.detach(), k.detach(), v.detach(), scale, has_cls)
-
-    def select(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, has_cls: bool):
-        raise NotImplementedError
+    layer_offset = 0
 
 
 class FasterVLMSelector(ConsumedLayerSelector):

@@ -74,8 +74,15 @@ def grid_indices(num_patches: int, keep: int) -> torch.Tensor:
     return cells[pick].sort().values
 
 
-class _OneShotSelector:
-    """Prunes once, after layer ``F - 1``, with indices from :meth:`choose`."""
+class OneShotSelector:
+    """Prunes once, at the output of layer ``F + layer_offset`` (``F``: the consumed layer), with that
+    layer's own ``q, k, v``. Subclasses implement :meth:`select` (indices, or a merge plan).
+
+    ``layer_offset = -1`` (random, grid): where FlowCut finishes; ``0`` (FasterVLM, VisionZip): the layer
+    whose output the model reads.
+    """
+
+    layer_offset = -1
 
     def __init__(self, keep: int) -> None:
         self.keep = keep
@@ -90,8 +97,19 @@ class _OneShotSelector:
     def step(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, has_cls: bool
     ):
-        if layer != self.consume_layer - 1:
+        if layer != self.consume_layer + self.layer_offset:
             return None
+        with torch.no_grad():
+            return self.select(q.detach(), k.detach(), v.detach(), scale, has_cls)
+
+    def select(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, has_cls: bool):
+        raise NotImplementedError
+
+
+class _AttentionFreeSelector(OneShotSelector):
+    """Random and grid: the indices depend only on the batch size and patch count (:meth:`choose`)."""
+
+    def select(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, has_cls: bool):
         n = k.shape[2] - int(has_cls)
         return self.choose(k.shape[0], n, k.device)
 
@@ -99,7 +117,7 @@ class _OneShotSelector:
         raise NotImplementedError
 
 
-class RandomSelector(_OneShotSelector):
+class RandomSelector(_AttentionFreeSelector):
     def __init__(self, config: RandomConfig, keep: int) -> None:
         super().__init__(keep)
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -109,7 +127,7 @@ class RandomSelector(_OneShotSelector):
         return scores.topk(self.keep, dim=-1).indices.sort(dim=-1).values.to(device)
 
 
-class GridSelector(_OneShotSelector):
+class GridSelector(_AttentionFreeSelector):
     def __init__(self, config: GridConfig, keep: int) -> None:
         super().__init__(keep)
 
