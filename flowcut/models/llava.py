@@ -18,7 +18,8 @@ features go into them in order (``masked_scatter``), exactly as upstream.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,6 +130,57 @@ def compact_prompt(
     return out, new_len
 
 
+def wrap_generate(
+    outer: nn.Module,
+    compact: Callable[[dict[str, Any]], tuple | None],
+    session: Callable[[dict[str, Any], tuple | None], AbstractContextManager],
+) -> Callable[[], None]:
+    """Wrap ``outer.generate`` on this instance; returns the function that puts the original back.
+
+    ``compact(kwargs)`` returns ``(new_kwargs, new_len, ...)`` for a prompt it shortened, or ``None``. The
+    prompt is compacted once; ``max_length`` / ``min_length`` (which count the prompt) are shortened by the
+    same amount so the same number of new tokens is generated; ``session(kwargs, result)`` is entered around
+    the original call (the attachment's per-generate state); the returned sequences get the caller's own
+    ``input_ids`` back in front, so ``out[:, inputs["input_ids"].shape[1]:]`` is still the answer.
+    """
+    if not hasattr(outer, "generate"):
+        return lambda: None
+    had_attr = "generate" in vars(outer)
+    original = outer.generate
+
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        if args and isinstance(args[0], torch.Tensor) and "input_ids" not in kwargs:
+            kwargs["input_ids"], args = args[0], args[1:]
+        elif isinstance(kwargs.get("inputs"), torch.Tensor) and "input_ids" not in kwargs:
+            kwargs["input_ids"] = kwargs.pop("inputs")
+        result = compact(kwargs)
+        if result is None:
+            with session(kwargs, None):
+                return original(*args, **kwargs)
+        new_kwargs, new_len = result[0], result[1]
+        caller_ids = kwargs["input_ids"]
+        for name in ("max_length", "min_length"):
+            if new_kwargs.get(name) is not None:
+                new_kwargs[name] = new_kwargs[name] - (caller_ids.shape[1] - new_len)
+        with session(kwargs, result):
+            out = original(*args, **new_kwargs)
+        if isinstance(out, torch.Tensor):
+            return torch.cat([caller_ids, out[:, new_len:]], dim=1)
+        out.sequences = torch.cat([caller_ids, out.sequences[:, new_len:]], dim=1)
+        return out
+
+    generate.__doc__ = getattr(original, "__doc__", None)
+    outer.generate = generate
+
+    def restore() -> None:
+        if had_attr:
+            outer.generate = original
+        else:
+            del outer.generate
+
+    return restore
+
+
 # ------------------------------------------------------------------------------------------------------
 # Attachment
 # ------------------------------------------------------------------------------------------------------
@@ -224,7 +276,7 @@ class LlavaAttachment:
         self._handles: list[RemovableHandle] = [
             self.outer.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         ]
-        self._wrap_generate()
+        self._restore_generate = wrap_generate(self.outer, self.compact_inputs, self._generate_session)
 
     # -- layout ---------------------------------------------------------------------------------------
     def placeholders(self, pixel_values: torch.Tensor) -> tuple[int, int]:
@@ -301,50 +353,22 @@ class LlavaAttachment:
             return None
         return (), result[0]
 
-    def _wrap_generate(self) -> None:
-        outer = self.outer
-        if not hasattr(outer, "generate"):
-            self._orig_generate = None
-            return
-        self._had_generate_attr = "generate" in vars(outer)
-        original = outer.generate
-        self._orig_generate = original
-
-        def generate(*args: Any, **kwargs: Any) -> Any:
-            if args and isinstance(args[0], torch.Tensor) and "input_ids" not in kwargs:
-                kwargs["input_ids"], args = args[0], args[1:]
-            elif isinstance(kwargs.get("inputs"), torch.Tensor) and "input_ids" not in kwargs:
-                kwargs["input_ids"] = kwargs.pop("inputs")
-            result = self.compact_inputs(kwargs)
-            pixel_values = kwargs.get("pixel_values")
-            self._gen_kept = self.placeholders(pixel_values)[1] if pixel_values is not None else None
-            if result is None:
-                ids = kwargs.get("input_ids")
-                self._prompt_len = ids.shape[1] if isinstance(ids, torch.Tensor) else None
-                try:
-                    return original(*args, **kwargs)
-                finally:
-                    self._prompt_len = None
-                    self._gen_kept = None
-            new_kwargs, new_len = result
-            caller_ids = kwargs["input_ids"]
-            for name in ("max_length", "min_length"):
-                if new_kwargs.get(name) is not None:
-                    # These count the prompt: keep the same budget of new tokens as the unpruned call.
-                    new_kwargs[name] = new_kwargs[name] - (caller_ids.shape[1] - new_len)
-            self._prompt_len = new_len
-            try:
-                out = original(*args, **new_kwargs)
-            finally:
-                self._prompt_len = None
-                self._gen_kept = None
-            if isinstance(out, torch.Tensor):
-                return torch.cat([caller_ids, out[:, new_len:]], dim=1)
-            out.sequences = torch.cat([caller_ids, out.sequences[:, new_len:]], dim=1)
-            return out
-
-        generate.__doc__ = getattr(original, "__doc__", None)
-        outer.generate = generate
+    @contextmanager
+    def _generate_session(self, kwargs: dict[str, Any], result: tuple | None) -> Iterator[None]:
+        """While generate runs: the prompt length (the LLM stage's query is its last token) and the kept
+        placeholders per image (generate's forwards carry encoded images, not pixel_values)."""
+        pixel_values = kwargs.get("pixel_values")
+        self._gen_kept = self.placeholders(pixel_values)[1] if pixel_values is not None else None
+        if result is not None:
+            self._prompt_len = result[1]
+        else:
+            ids = kwargs.get("input_ids")
+            self._prompt_len = ids.shape[1] if isinstance(ids, torch.Tensor) else None
+        try:
+            yield
+        finally:
+            self._prompt_len = None
+            self._gen_kept = None
 
     # -- handle interface -------------------------------------------------------------------------------
     @property
@@ -385,9 +409,5 @@ class LlavaAttachment:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if self._orig_generate is not None:
-            if self._had_generate_attr:
-                self.outer.generate = self._orig_generate
-            else:
-                del self.outer.generate
-            self._orig_generate = None
+        self._restore_generate()
+        self._restore_generate = lambda: None

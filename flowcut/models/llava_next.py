@@ -49,7 +49,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -57,7 +58,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .llava import compact_prompt
+from .llava import compact_prompt, wrap_generate
 from .vit import EncoderPassRecord, EncoderPruner, EncoderSelector, consumed_layer, tower_spec
 
 
@@ -370,7 +371,7 @@ class LlavaNextAttachment:
         self._handles: list[RemovableHandle] = [
             self.outer.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         ]
-        self._wrap_generate()
+        self._restore_generate = wrap_generate(self.outer, self.compact_inputs, self._generate_session)
 
     # -- budgets ---------------------------------------------------------------------------------------
     @property
@@ -587,45 +588,21 @@ class LlavaNextAttachment:
             self.llm_stage.begin(**self.visual_positions.decoder_inputs(self._prompt_len))
         return ((), final) if result is not None else None
 
-    def _wrap_generate(self) -> None:
-        outer = self.outer
-        if not hasattr(outer, "generate"):
-            self._orig_generate = None
+    @contextmanager
+    def _generate_session(self, kwargs: dict[str, Any], result: tuple | None) -> Iterator[None]:
+        """generate hands the packed features to every forward it makes through mm_encoder_outputs; the
+        pre-hook recognises them (by identity) to announce the visual positions of the prefill."""
+        if result is None:
+            yield
             return
-        self._had_generate_attr = "generate" in vars(outer)
-        original = outer.generate
-        self._orig_generate = original
-
-        def generate(*args: Any, **kwargs: Any) -> Any:
-            if args and isinstance(args[0], torch.Tensor) and "input_ids" not in kwargs:
-                kwargs["input_ids"], args = args[0], args[1:]
-            elif isinstance(kwargs.get("inputs"), torch.Tensor) and "input_ids" not in kwargs:
-                kwargs["input_ids"] = kwargs.pop("inputs")
-            result = self.compact_inputs(kwargs)
-            if result is None:
-                return original(*args, **kwargs)
-            new_kwargs, new_len, layouts = result
-            caller_ids = kwargs["input_ids"]
-            for name in ("max_length", "min_length"):
-                if new_kwargs.get(name) is not None:
-                    # These count the prompt: keep the same budget of new tokens as the unpruned call.
-                    new_kwargs[name] = new_kwargs[name] - (caller_ids.shape[1] - new_len)
-            # generate hands the packed features to every forward it makes through mm_encoder_outputs;
-            # the pre-hook recognises them (by identity) to announce the visual positions of the prefill.
-            self._prompt_len = new_len
-            self._issued = {id(im.features): im for im in layouts}
-            try:
-                out = original(*args, **new_kwargs)
-            finally:
-                self._prompt_len = None
-                self._issued = {}
-            if isinstance(out, torch.Tensor):
-                return torch.cat([caller_ids, out[:, new_len:]], dim=1)
-            out.sequences = torch.cat([caller_ids, out.sequences[:, new_len:]], dim=1)
-            return out
-
-        generate.__doc__ = getattr(original, "__doc__", None)
-        outer.generate = generate
+        _, new_len, layouts = result
+        self._prompt_len = new_len
+        self._issued = {id(im.features): im for im in layouts}
+        try:
+            yield
+        finally:
+            self._prompt_len = None
+            self._issued = {}
 
     # -- handle interface -------------------------------------------------------------------------------
     @property
@@ -655,9 +632,5 @@ class LlavaNextAttachment:
             h.remove()
         self._handles.clear()
         self._issued = {}
-        if self._orig_generate is not None:
-            if self._had_generate_attr:
-                self.outer.generate = self._orig_generate
-            else:
-                del self.outer.generate
-            self._orig_generate = None
+        self._restore_generate()
+        self._restore_generate = lambda: None
