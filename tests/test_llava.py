@@ -89,19 +89,6 @@ def test_several_images_per_prompt_and_uneven_rows(proc) -> None:
     assert torch.equal(gen[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
 
 
-def _greedy_without_cache(model, inputs, steps):
-    """Reference decoding: the full (unpruned-layout) prompt through the pruned forward at every step."""
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    for _ in range(steps):
-        logits = model(
-            input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"], use_cache=False
-        ).logits
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        ids = torch.cat([ids, nxt], dim=1)
-        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-    return ids
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_generate_left_padded_batch_matches_no_cache_decoding(proc, attn) -> None:
     model = tiny.llava(seed=3, attn=attn)
@@ -109,7 +96,7 @@ def test_generate_left_padded_batch_matches_no_cache_decoding(proc, attn) -> Non
     assert bool((inputs["attention_mask"][:, 0] == 0).any())  # really left-padded
     with torch.no_grad(), flowcut.prune(model, "flowcut", keep=KEEP):
         gen = model.generate(**inputs, max_new_tokens=6, do_sample=False, min_new_tokens=6)
-        ref = _greedy_without_cache(model, inputs, 6)
+        ref = tiny.greedy_without_cache(model, inputs, 6)
     n = inputs["input_ids"].shape[1]
     assert torch.equal(gen[:, :n], inputs["input_ids"])  # the prompt part is the caller's
     assert torch.equal(gen, ref)

@@ -9,7 +9,6 @@ import tiny
 import torch
 from PIL import Image
 from transformers import (
-    LlamaConfig,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextModel,
@@ -53,18 +52,7 @@ def llava_next(
 ) -> LlavaNextForConditionalGeneration:
     tok = tiny.tokenizer()
     torch.manual_seed(seed)
-    text = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=text_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    text = tiny.llama_config(tok, text_layers, max_position_embeddings=1024)
     cfg = LlavaNextConfig(
         vision_config=tiny.clip_config(4, attn).to_dict(),
         text_config=text.to_dict(),
@@ -288,23 +276,6 @@ class _RecordingStage:
         self.removed = True
 
 
-def _greedy_without_cache(model, inputs, steps):
-    """Reference decoding: the full (unpruned-layout) prompt through the pruned forward at every step."""
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    for _ in range(steps):
-        logits = model(
-            input_ids=ids,
-            attention_mask=mask,
-            pixel_values=inputs["pixel_values"],
-            image_sizes=inputs["image_sizes"],
-            use_cache=False,
-        ).logits
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        ids = torch.cat([ids, nxt], dim=1)
-        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-    return ids
-
-
 @pytest.mark.parametrize("method", ["flowcut", "grid"])
 def test_generate_left_padded_batch_of_two_sizes(proc, method) -> None:
     model = llava_next(seed=4)
@@ -314,7 +285,7 @@ def test_generate_left_padded_batch_of_two_sizes(proc, method) -> None:
     with torch.no_grad(), flowcut.prune(model, method, keep=12) as h:
         gen = model.generate(**inputs, max_new_tokens=5, do_sample=False, min_new_tokens=5)
         prefill_positions = h._attachment.visual_positions  # the last forward: a decode step, no images
-        ref = _greedy_without_cache(model, inputs, 5)
+        ref = tiny.greedy_without_cache(model, inputs, 5)
     n = inputs["input_ids"].shape[1]
     assert torch.equal(gen[:, :n], inputs["input_ids"])  # the prompt part is the caller's
     assert torch.equal(gen, ref)

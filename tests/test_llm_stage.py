@@ -99,15 +99,7 @@ def test_fastv_equals_masking_dropped_keys_in_the_unpruned_model(proc) -> None:
         assert int(visual.sum() - dropped.sum()) == keep
         assert h.kept_indices.shape == (1, keep)
 
-        def mask_dropped(module, args, kwargs):
-            mask = kwargs["attention_mask"]
-            t = ids.shape[0]
-            if mask is None:
-                mask = torch.full((1, 1, t, t), torch.finfo(torch.float32).min).triu(1)
-            mask = mask.clone()
-            mask[..., dropped] = torch.finfo(mask.dtype).min
-            kwargs["attention_mask"] = mask
-            return args, kwargs
+        mask_dropped = tiny.mask_keys_hook(dropped)
 
         layers = model.model.language_model.layers
         handles = [layer.register_forward_pre_hook(mask_dropped, with_kwargs=True) for layer in layers[2:]]

@@ -265,15 +265,7 @@ def test_recycled_tokens_equal_the_unpruned_model_with_rewritten_and_masked_toke
             hidden = output[0] if isinstance(output, tuple) else output
             return (sel.hidden, *output[1:]) if isinstance(output, tuple) else sel.hidden.to(hidden.dtype)
 
-        def mask_dropped(module, args, kwargs):
-            mask = kwargs["attention_mask"]
-            t = dropped.shape[0]
-            if mask is None:
-                mask = torch.full((1, 1, t, t), torch.finfo(torch.float32).min).triu(1)
-            mask = mask.clone()
-            mask[..., dropped] = torch.finfo(mask.dtype).min
-            kwargs["attention_mask"] = mask
-            return args, kwargs
+        mask_dropped = tiny.mask_keys_hook(dropped)
 
         layers = model.model.language_model.layers
         handles = [layers[1].register_forward_hook(rewrite)]

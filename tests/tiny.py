@@ -121,6 +121,22 @@ def processor() -> LlavaProcessor:
     )
 
 
+def llama_config(tok, layers: int, max_position_embeddings: int = 512) -> LlamaConfig:
+    """The tiny Llama language model of the tiny LLaVA / LLaVA-NeXT (GQA: 4 query heads, 2 key heads)."""
+    return LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_position_embeddings,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+
+
 def llava(
     seed: int = 0,
     attn: str = "sdpa",
@@ -131,18 +147,7 @@ def llava(
 ):
     tok = tokenizer()
     torch.manual_seed(seed)
-    text = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=text_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    text = llama_config(tok, text_layers)
     cfg = LlavaConfig(
         vision_config=clip_config(layers, attn).to_dict(),
         text_config=text.to_dict(),
@@ -162,3 +167,34 @@ def llava(
 def images(n: int, seed: int = 0) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (IMAGE, IMAGE, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def greedy_without_cache(model, inputs, steps: int) -> torch.Tensor:
+    """Reference decoding: the whole sequence through the (pruned) forward at every step, no KV cache.
+    Every input other than ``input_ids`` / ``attention_mask`` (pixel_values, image_sizes) goes in as is."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    for _ in range(steps):
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], dim=1)
+        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+    return ids
+
+
+def mask_keys_hook(dropped: torch.Tensor):
+    """A decoder-layer forward pre-hook (``with_kwargs=True``) that hides the ``dropped`` columns (T,) as
+    keys: the oracle for pruning inside the language model (a one-row batch; builds the causal mask when
+    transformers passes none)."""
+
+    def hook(module, args, kwargs):
+        mask = kwargs["attention_mask"]
+        t = dropped.shape[0]
+        if mask is None:
+            mask = torch.full((1, 1, t, t), torch.finfo(torch.float32).min).triu(1)
+        mask = mask.clone()
+        mask[..., dropped] = torch.finfo(mask.dtype).min
+        kwargs["attention_mask"] = mask
+        return args, kwargs
+
+    return hook
