@@ -393,9 +393,11 @@ def test_second_stage_in_the_decoder_brings_each_image_to_k(proc, method, option
         positions = h._attachment.visual_positions
         kept = h.llm_record.kept_positions
         cached = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        assert h.llm_record.kept_positions  # generate's prefill really pruned in the decoder
         uncached = model.generate(
             **inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, use_cache=False
         )
+        assert h.llm_record.kept_positions
     assert len(kept) == 1  # one decoder stage
     for r in range(2):
         cols = kept[0][r][kept[0][r] >= 0]
