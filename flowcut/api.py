@@ -204,8 +204,12 @@ def prune(model: nn.Module, method: str = "flowcut", *, keep: int, **options: An
     config = _build_config(spec, keep, options)
 
     from .models.llava_next import LlavaNextAttachment, llava_next_parts
+    from .models.video_llava import attach_video_llava
 
-    if llava_next_parts(model) is not None:
+    video_llava = attach_video_llava(model, spec, config)
+    if video_llava is not None:
+        attachment: _Attachment = video_llava
+    elif llava_next_parts(model) is not None:
         if getattr(config, "feature_layer", None) is not None:
             raise ValueError(
                 "feature_layer is read from the LLaVA-NeXT config (vision_feature_layer); do not pass it"
@@ -218,7 +222,7 @@ def prune(model: nn.Module, method: str = "flowcut", *, keep: int, **options: An
         else:
             make_encoder = lambda k: spec.make_selector(config, k)  # noqa: E731
             second = spec.make_second_stage  # FlowCut: K/2 per crop, then K in the LLM (SPEC)
-        attachment: _Attachment = LlavaNextAttachment(
+        attachment = LlavaNextAttachment(
             model,
             make_encoder,
             config.keep,
@@ -236,7 +240,7 @@ def prune(model: nn.Module, method: str = "flowcut", *, keep: int, **options: An
         make_llm = (
             (lambda k: spec.make_llm_selector(config, k)) if spec.make_llm_selector is not None else None
         )
-        attachment: _Attachment = LlavaAttachment(model, make_encoder, config.keep, make_llm)
+        attachment = LlavaAttachment(model, make_encoder, config.keep, make_llm)
     else:
         if spec.make_selector is None:
             raise TypeError(

@@ -9,6 +9,14 @@ Recipe (LLaVA-1.5 style, sized for a 2-core CPU):
   cost, are paid once for several supervised answers;
 * loss: cross-entropy on the answer tokens and their ``<|im_end|>`` only; logits are computed at those
   positions only (the tied 49k-row head over every position would cost more than a decoder layer);
+* grounding (LLaVA's feature-alignment idea, made cheap): the projected token of every patch that an object
+  covers is pulled, by cosine similarity in the tied word-embedding space, towards the embeddings of that
+  object's colour word and shape word (two softmaxes over the datasets' colour and shape words). Labels come
+  from the data: scene layouts for ``scenes``, the foreground and the questions' answers for easy-VQA.
+  Stage 0 trains the projector on this alone (no language-model pass: seconds per step); stages 1-2 keep it
+  as an auxiliary term. DINOv2 patch features carry colour linearly (a linear probe reads an object's colour
+  from its centre patch at ~96%), but the answer loss alone collapsed to one colour within the first
+  run's 120 steps;
 * stage 1 trains the projector alone; after it the script measures validation accuracy (the same
   :func:`flowcut.eval.runner.evaluate` the benchmark uses) and, only if a dataset is under ``lora_if_below``,
   stage 2 adds a rank-``lora_rank`` LoRA on the language model's attention and MLP projections;
@@ -29,6 +37,7 @@ import argparse
 import json
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -47,6 +56,12 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class TrainConfig:
     """Hyper-parameters of :func:`train`; the defaults produced the shipped weights."""
 
+    stage0_steps: int = 150  # grounding-only projector steps (no language-model pass)
+    stage0_batch: int = 32
+    stage0_images: int = 640  # images the grounding-only stage cycles over (their features are cached)
+    grounding_weight: float = 0.5  # weight of the grounding term in stages 1-2
+    grounding_temperature: float = 10.0  # cosine similarities are multiplied by this before the softmax
+    grounding_min_cover: float = 0.4  # a patch is labelled when an object covers at least this fraction
     stage1_steps: int = 120
     stage2_steps: int = 400  # at most; fewer when the time budget would not fit them (schedule is kept whole)
     batch_size: int = 4  # conversations (images) per step
@@ -79,6 +94,8 @@ class Conversation:
     image_key: str  # "<dataset>/<scene_id>": the feature-cache key
     load_image: Callable[[], Any]  # -> PIL image
     qa: list[tuple[str, str]]  # (prompt with the answer hint, canonical answer)
+    # -> [(coverage mask (H, W) bool at the image's resolution, colour word or None, shape word or None)]
+    load_objects: Callable[[], list[tuple[Any, str | None, str | None]]] | None = None
 
 
 def conversations(dataset: Any, turns: int, rng: random.Random, max_images: int | None) -> list[Conversation]:
@@ -100,8 +117,59 @@ def conversations(dataset: Any, turns: int, rng: random.Random, max_images: int 
         chosen = (rare + common)[:turns]
         rng.shuffle(chosen)
         qa = [(f"{r.question} {SHORT_ANSWER_HINT}", r.answer) for r in chosen]
-        out.append(Conversation(f"{dataset.name}/{key}", partial(dataset.image_loader, key), qa))
+        objects = partial(_OBJECT_READERS[dataset.name], dataset, key, records) if dataset.name in _OBJECT_READERS else None
+        out.append(Conversation(f"{dataset.name}/{key}", partial(dataset.image_loader, key), qa, objects))
     return out
+
+
+def _scene_objects(dataset: Any, key: str, records: Sequence[Any]) -> list[tuple[Any, str | None, str | None]]:
+    """Visible pixels of every object of a generated scene (later objects occlude earlier ones)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from flowcut.eval.scenes import _draw_object, generate_scene
+
+    match = re.fullmatch(r"scenes-(\w+)-(\d+)-(\d+)", key)
+    if match is None:
+        raise ValueError(f"not a scenes id: {key!r}")
+    size = dataset.image(key).size[0]
+    scene = generate_scene(int(match[2]), int(match[3]), image_size=size, split=match[1])
+    if scene.scene_id != key:
+        raise RuntimeError(f"regenerated {scene.scene_id}, expected {key}")
+    owner = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(owner)
+    for k, obj in enumerate(scene.objects):
+        _draw_object(draw, obj, k + 1, 1.0)
+    owner_array = np.asarray(owner)
+    return [(owner_array == k + 1, obj.color, obj.shape) for k, obj in enumerate(scene.objects)]
+
+
+def _easy_vqa_objects(dataset: Any, key: str, records: Sequence[Any]) -> list[tuple[Any, str | None, str | None]]:
+    """easy-VQA images hold one flat-coloured shape on a light background: the foreground is every pixel far
+    from the corner colour; its colour and shape words are read off the image's questions and answers."""
+    import numpy as np
+
+    from flowcut.eval.easyvqa import _COLOR_RE, _SHAPE_RE
+
+    color = shape = None
+    for r in records:
+        if r.family == "color":
+            color = r.answer
+            found = _SHAPE_RE.search(r.question)
+            shape = shape or (found[1] if found else None)
+        elif r.family == "shape":
+            shape = r.answer
+            found = _COLOR_RE.search(r.question)
+            color = color or (found[1] if found else None)
+    pixels = np.asarray(dataset.image(key).convert("RGB"), dtype=np.int32)
+    distance = np.abs(pixels - pixels[0, 0]).sum(-1)
+    return [(distance > 96, color, shape)]
+
+
+_OBJECT_READERS: dict[str, Callable[..., list[tuple[Any, str | None, str | None]]]] = {
+    "scenes": _scene_objects,
+    "easy-vqa": _easy_vqa_objects,
+}
 
 
 def _segments(processor: Any, qa: Sequence[tuple[str, str]]) -> list[tuple[str, bool]]:
@@ -248,8 +316,77 @@ class FeatureCache:
         return torch.stack([self.cache[c.image_key].float() for c in conversations_])
 
 
+class Grounding:
+    """Per-patch colour/shape word targets and the grounding loss on projected image tokens.
+
+    Targets are the index of the covering object's colour in :attr:`colors` and of its shape in
+    :attr:`shapes` (``-1``: no object covers ``min_cover`` of the patch, or the word is unknown).
+    """
+
+    def __init__(self, model: Any, processor: Any, temperature: float = 10.0, min_cover: float = 0.4):
+        from flowcut.eval.easyvqa import _EASY_COLORS, _EASY_SHAPES
+        from flowcut.eval.scenes import COLORS, SHAPES
+
+        self.colors = tuple(dict.fromkeys([*COLORS, *_EASY_COLORS]))
+        self.shapes = tuple(dict.fromkeys([*SHAPES, *_EASY_SHAPES]))
+        tok = processor.tokenizer
+        # an answer is tokenised on its own at the start of the assistant turn: its first token is the word
+        ids = [tok(w, add_special_tokens=False).input_ids[0] for w in (*self.colors, *self.shapes)]
+        if len(set(ids)) != len(ids):
+            raise ValueError("two colour/shape words share their first token; grounding would be ambiguous")
+        self.word_ids = torch.tensor(ids)
+        self.embeddings = model.get_input_embeddings()
+        self.grid = int(round(math.sqrt(model.config.image_seq_length)))
+        self.temperature = temperature
+        self.min_cover = min_cover
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def targets(self, conversation: Conversation) -> tuple[torch.Tensor, torch.Tensor]:
+        hit = self.cache.get(conversation.image_key)
+        if hit is not None:
+            return hit
+        cells = self.grid * self.grid
+        color = torch.full((cells,), -1, dtype=torch.long)
+        shape = torch.full((cells,), -1, dtype=torch.long)
+        if conversation.load_objects is not None:
+            objects = conversation.load_objects()
+            if objects:
+                masks = torch.stack([torch.as_tensor(m, dtype=torch.float32) for m, _, _ in objects])
+                cover = F.adaptive_avg_pool2d(masks[None], self.grid)[0].flatten(1)  # (objects, cells)
+                best, owner = cover.max(0)
+                for k, (_, c, s) in enumerate(objects):
+                    cells_k = (owner == k) & (best >= self.min_cover)
+                    if not cells_k.any():  # a small or mostly hidden object: its best-covered patch, if it leads
+                        j = int(cover[k].argmax())
+                        if owner[j] == k and cover[k, j] > 0:
+                            cells_k[j] = True
+                    if c in self.colors:
+                        color[cells_k] = self.colors.index(c)
+                    if s in self.shapes:
+                        shape[cells_k] = self.shapes.index(s)
+        self.cache[conversation.image_key] = (color, shape)
+        return color, shape
+
+    def loss(self, image_embeds: torch.Tensor, batch: Sequence[Conversation]) -> torch.Tensor:
+        """Mean of the colour and shape cross-entropies over labelled patches (0 when none is labelled)."""
+        color, shape = (torch.stack(t) for t in zip(*(self.targets(c) for c in batch), strict=True))
+        words = F.normalize(self.embeddings.weight[self.word_ids].float(), dim=-1)
+        logits = self.temperature * F.normalize(image_embeds.float(), dim=-1) @ words.T  # (B, P, words)
+        n_colors = len(self.colors)
+        terms = []
+        for part, target in ((logits[..., :n_colors], color), (logits[..., n_colors:], shape)):
+            if (target >= 0).any():
+                terms.append(F.cross_entropy(part.flatten(0, 1), target.flatten(), ignore_index=-1))
+        return torch.stack(terms).mean() if terms else image_embeds.sum() * 0.0
+
+
 def batch_loss(
-    model: Any, processor: Any, features: FeatureCache, batch: Sequence[Conversation]
+    model: Any,
+    processor: Any,
+    features: FeatureCache,
+    batch: Sequence[Conversation],
+    grounding: Grounding | None = None,
+    grounding_weight: float = 0.0,
 ) -> torch.Tensor:
     inner = model.model
     image_id = model.config.image_token_id
@@ -272,7 +409,17 @@ def batch_loss(
     # position t predicts token t+1: keep the positions whose next token is supervised
     where = supervised[:, 1:]
     logits = model.lm_head(hidden[:, :-1][where])
-    return F.cross_entropy(logits.float(), input_ids[:, 1:][where])
+    loss = F.cross_entropy(logits.float(), input_ids[:, 1:][where])
+    if grounding is not None and grounding_weight > 0:
+        loss = loss + grounding_weight * grounding.loss(image_embeds, batch)
+    return loss
+
+
+def grounding_only_loss(
+    model: Any, features: FeatureCache, batch: Sequence[Conversation], grounding: Grounding
+) -> torch.Tensor:
+    """Stage 0: the grounding loss alone (projector forward only)."""
+    return grounding.loss(model.model.multi_modal_projector(features.get(batch)), batch)
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -312,11 +459,10 @@ def validate(model: Any, processor: Any, cfg: TrainConfig) -> dict[str, Any]:
 def _run_stage(
     name: str,
     model: Any,
-    processor: Any,
+    loss_fn: Callable[[list[Conversation]], torch.Tensor],
     params: list[dict[str, Any]],
     steps: int,
     stream: Iterator[list[Conversation]],
-    features: FeatureCache,
     cfg: TrainConfig,
     deadline: float,
     log: list[dict[str, Any]],
@@ -333,7 +479,7 @@ def _run_stage(
         if time.perf_counter() > deadline:
             print(f"[{name}] time budget reached after {step} steps", flush=True)
             break
-        loss = batch_loss(model, processor, features, next(stream))
+        loss = loss_fn(next(stream))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], 1.0)
@@ -387,14 +533,36 @@ def train(cfg: TrainConfig, out: str | Path, cache_dir: str | Path | None = None
     features = FeatureCache(model, processor)
     log: list[dict[str, Any]] = []
 
+    grounding = Grounding(model, processor, cfg.grounding_temperature, cfg.grounding_min_cover)
+    answer_loss = partial(
+        batch_loss,
+        model,
+        processor,
+        features,
+        grounding=grounding,
+        grounding_weight=cfg.grounding_weight,
+    )
+    s0 = 0
+    if cfg.stage0_steps > 0:
+        pool = random.Random(cfg.seed + 1).sample(items, min(cfg.stage0_images, len(items)))
+        s0, _ = _run_stage(
+            "grounding",
+            model,
+            partial(grounding_only_loss, model, features, grounding=grounding),
+            [{"params": projector, "lr": cfg.lr}],
+            cfg.stage0_steps,
+            _stream(pool, min(cfg.stage0_batch, len(pool)), rng),
+            cfg,
+            deadline,
+            log,
+        )
     s1, s1_rate = _run_stage(
         "projector",
         model,
-        processor,
+        answer_loss,
         [{"params": projector, "lr": cfg.lr}],
         cfg.stage1_steps,
         stream,
-        features,
         cfg,
         deadline,
         log,
@@ -419,14 +587,13 @@ def train(cfg: TrainConfig, out: str | Path, cache_dir: str | Path | None = None
         s2, _ = _run_stage(
             "lora",
             model,
-            processor,
+            answer_loss,
             [
                 {"params": projector, "lr": cfg.lr * 0.3},
                 {"params": list(lora.parameters()), "lr": cfg.lora_lr},
             ],
             stage2_steps,
             stream,
-            features,
             cfg,
             deadline,
             log,
@@ -438,7 +605,7 @@ def train(cfg: TrainConfig, out: str | Path, cache_dir: str | Path | None = None
         val2 = None
     card = {
         "config": asdict(cfg),
-        "steps": {"projector": s1, "lora": s2},
+        "steps": {"grounding": s0, "projector": s1, "lora": s2},
         "conversations": len(items),
         "train_seconds": round(time.perf_counter() - start, 1),
         "validation_stage1": val1,
