@@ -74,6 +74,12 @@ SUPPORTED_MODELS = (
     "LlavaModel",
     "LlavaNextForConditionalGeneration",
     "LlavaNextModel",
+    "Qwen2VLForConditionalGeneration",
+    "Qwen2VLModel",
+    "Qwen2_5_VLForConditionalGeneration",
+    "Qwen2_5_VLModel",
+    "VideoLlavaForConditionalGeneration",
+    "VideoLlavaModel",
 )
 
 # Which model instances carry a handle; kept off the model so that nothing is hung on its attributes.
@@ -111,7 +117,8 @@ class PruneHandle:
     @property
     def kept_indices(self) -> torch.Tensor | None:
         """``(num_images, K)`` LongTensor: kept patch positions on the original grid (0-based, ascending),
-        from the last forward; ``None`` before the first forward."""
+        from the last forward; ``None`` before the first forward. Video-LLaVA: the image rows, then one row
+        per video frame, ``-1``-padded where frames keep different counts (``video_budget="shared"``)."""
         return self._record().kept_indices
 
     @property
@@ -178,16 +185,29 @@ def _build_config(spec: MethodSpec, keep: Any, options: dict[str, Any]) -> Any:
     return spec.config_cls(keep=keep, **options)
 
 
-def prune(model: nn.Module, method: str = "flowcut", *, keep: int, **options: Any) -> PruneHandle:
+def prune(model: nn.Module, method: str = "flowcut", *, keep: int | float, **options: Any) -> PruneHandle:
     """Prune visual tokens of ``model`` (this instance only) with ``method``, keeping ``keep`` per image.
 
     Args:
-        model: a LLaVA model (``LlavaForConditionalGeneration`` / ``LlavaModel``) or a bare vision tower
+        model: a LLaVA / LLaVA-NeXT model (``Llava[Next]ForConditionalGeneration`` / ``Llava[Next]Model``),
+            a Qwen2-VL / Qwen2.5-VL model (``Qwen2VLForConditionalGeneration``,
+            ``Qwen2_5_VLForConditionalGeneration`` or their ``...Model``), Video-LLaVA
+            (``VideoLlavaForConditionalGeneration`` / ``VideoLlavaModel``), or a bare vision tower
             (``CLIPVisionModel``, ``SiglipVisionModel``, ``Dinov2Model``).
-        method: one of :func:`available_methods`.
+        method: one of :func:`available_methods` (Qwen: ``flowcut``, ``fastv``, ``pdrop``, ``sparsevlm``).
         keep: visual tokens per image that reach the consumer (for LLaVA: placeholders per image).
-            ``keep`` >= the number of patches is the exact identity.
-        **options: the method's settings (see its config class, e.g. :class:`FlowCutConfig`).
+            ``keep`` >= the number of patches is the exact identity. Qwen2-VL / Qwen2.5-VL: an int is the
+            number of tokens per image *after the 2x2 merger* (capped at the image's count, so images smaller
+            than ``keep`` stay whole), or a float ratio in (0, 1]: per image ``max(1, round(ratio * its
+            merged tokens))``; a video gets ``keep`` in total (see ``video_budget``).
+        **options: the method's settings (see its config class, e.g. :class:`FlowCutConfig`). Qwen2-VL /
+            Qwen2.5-VL also take ``video_budget``: ``"per_frame"`` (default; each temporal slot of a video's
+            grid keeps ``K // T``, the first ``K % T`` one more, at least 1, scored on its own) or
+            ``"shared"`` (the video's frames compete for ``K`` with one global token). Video-LLaVA takes
+            ``video_budget`` too: ``"per_frame"`` (default for vision-stage methods; ``keep`` per video must
+            be a multiple of the frame count, each frame keeps ``keep // frames`` patches) or ``"shared"``
+            (each frame keeps ``2 * keep // frames`` in the tower, then FlowCut's decoder-layer-1 stage keeps
+            the video's best ``keep`` jointly; the default for the LLM-only methods).
 
     Returns:
         A :class:`PruneHandle`; ``handle.remove()`` restores the model exactly.
@@ -201,14 +221,25 @@ def prune(model: nn.Module, method: str = "flowcut", *, keep: int, **options: An
             f"this model already has {_ATTACHED[model]!r}; call handle.remove() before pruning it again"
         )
     spec = METHODS[method]
+    from .models.qwen2_vl import attach_qwen, qwen_parts
+
+    is_qwen = qwen_parts(model) is not None
+    video_budget = options.pop("video_budget", None)  # Qwen2-VL / Qwen2.5-VL and Video-LLaVA only
     config = _build_config(spec, keep, options)
+    if isinstance(config.keep, float) and not is_qwen:
+        raise ValueError(
+            f"keep={config.keep!r}: a ratio keep is supported on Qwen2-VL / Qwen2.5-VL only (images of varying "
+            f"size); pass an int count of visual tokens per image for {type(model).__name__}"
+        )
 
     from .models.llava_next import LlavaNextAttachment, llava_next_parts
     from .models.video_llava import attach_video_llava
 
-    video_llava = attach_video_llava(model, spec, config)
+    video_llava = attach_video_llava(model, spec, config, video_budget=None if is_qwen else video_budget)
     if video_llava is not None:
         attachment: _Attachment = video_llava
+    elif is_qwen:
+        attachment = attach_qwen(model, spec, config, video_budget)
     elif llava_next_parts(model) is not None:
         if getattr(config, "feature_layer", None) is not None:
             raise ValueError(

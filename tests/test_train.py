@@ -67,6 +67,9 @@ def test_lora_hooks_and_merged_weights_give_the_same_logits(small, tmp_path: Pat
 
 def test_train_runs_both_stages_and_writes_a_model_card(tmp_path: Path) -> None:
     cfg = train_module.TrainConfig(
+        stage0_steps=2,
+        stage0_batch=2,
+        stage0_images=3,
         stage1_steps=2,
         stage2_steps=2,
         batch_size=1,
@@ -82,10 +85,71 @@ def test_train_runs_both_stages_and_writes_a_model_card(tmp_path: Path) -> None:
     )
     out = tmp_path / "adapter.safetensors"
     card = train_module.train(cfg, out)
-    assert card["steps"] == {"projector": 2, "lora": 2}
+    assert card["steps"] == {"grounding": 2, "projector": 2, "lora": 2}
     assert card["lora"]["rank"] == 2
-    assert [e["stage"] for e in card["log"]] == ["projector", "projector", "lora", "lora"]
+    stages = [e["stage"] for e in card["log"]]
+    assert stages == ["grounding", "grounding", "projector", "projector", "lora", "lora"]
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in card["log"])
     assert json.loads(out.with_suffix(".json").read_text())["steps"] == card["steps"]
     assert set(card["validation_final"]) == {"scenes", "easy-vqa"}
     assert lora_deltas(out)  # the LoRA is in the file
+
+
+def test_grounding_targets_name_each_scene_object_on_its_own_patches(small) -> None:
+    from flowcut.eval.scenes import generate_scene
+
+    model, processor = small
+    grounding = train_module.Grounding(model, processor)
+    dataset = load_dataset("scenes", "train", n=60)
+    convs = train_module.conversations(dataset, 8, random.Random(0), 6)
+    grid = grounding.grid
+    for conv in convs:
+        color, shape = grounding.targets(conv)
+        scene_id = conv.image_key.split("/", 1)[1]
+        seed, index = (int(x) for x in scene_id.split("-")[2:])
+        scene = generate_scene(seed, index, split="train")
+        labelled = {
+            (grounding.colors[c], grounding.shapes[s])
+            for c, s in zip(color.tolist(), shape.tolist())
+            if c >= 0
+        }
+        assert labelled == {(o.color, o.shape) for o in scene.objects}  # every object, nothing else
+        assert ((color >= 0) == (shape >= 0)).all()
+        for obj in scene.objects:  # the object's centre patch carries its words unless something covers it
+            cell = int(obj.y // (scene.image_size / grid)) * grid + int(obj.x // (scene.image_size / grid))
+            if obj.visible_fraction == 1.0 and color[cell] >= 0:
+                names = (grounding.colors[color[cell]], grounding.shapes[shape[cell]])
+                others = [(o.color, o.shape) for o in scene.objects if o is not obj]
+                assert names == (obj.color, obj.shape) or names in others
+
+
+def test_grounding_targets_for_easy_vqa_come_from_the_answers(small) -> None:
+    model, processor = small
+    grounding = train_module.Grounding(model, processor)
+    dataset = load_dataset("easy-vqa", "train")
+    convs = train_module.conversations(dataset, 8, random.Random(0), 5)
+    for conv in convs:
+        color, _ = grounding.targets(conv)
+        answers = {a for q, a in conv.qa if q.startswith("what color")}
+        labelled = {grounding.colors[c] for c in color.tolist() if c >= 0}
+        assert 0 < (color >= 0).sum() < color.numel()  # the shape, not the background
+        if answers:
+            assert labelled == answers
+
+
+def test_grounding_loss_prefers_tokens_that_embed_their_object_words(small) -> None:
+    model, processor = small
+    grounding = train_module.Grounding(model, processor)
+    convs = train_module.conversations(load_dataset("scenes", "train", n=40), 8, random.Random(0), 3)
+    targets = [grounding.targets(c) for c in convs]
+    words = model.get_input_embeddings().weight[grounding.word_ids].detach()
+    n_colors = len(grounding.colors)
+    aligned = torch.randn(len(convs), grid_cells := model.config.image_seq_length, words.shape[1])
+    for b, (color, shape) in enumerate(targets):
+        on = color >= 0
+        aligned[b, on] = words[color[on]] + words[n_colors + shape[on]]
+    shuffled = torch.randn(len(convs), grid_cells, words.shape[1])
+    with torch.no_grad():
+        good = grounding.loss(aligned, convs).item()
+        bad = grounding.loss(shuffled, convs).item()
+    assert good < bad - 0.5

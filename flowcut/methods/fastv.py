@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .flowcut import _check_int
+from .flowcut import _check_int, check_keep
 from .llm_base import LLMContext, last_token_attention, top_per_image
 
 
@@ -26,15 +26,16 @@ class FastVConfig:
 
     Args:
         keep: visual tokens per image from decoder layer ``layer`` on.
+            On Qwen2-VL / Qwen2.5-VL also a float ratio in (0, 1] of each image's merged tokens.
         layer: ``K``: tokens are dropped before decoder layer ``K`` (at the output of layer ``K - 1``),
             ranked by layer ``K - 1``'s attention. Paper default 2.
     """
 
-    keep: int
+    keep: int | float
     layer: int = 2
 
     def __post_init__(self) -> None:
-        _check_int("keep", self.keep, 1)
+        check_keep(self.keep)
         _check_int("layer", self.layer, 1)
 
 

@@ -45,12 +45,43 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return value
 
 
+def check_keep(value: object) -> int | float:
+    """``keep``: an int >= 1 (visual tokens per image) or a float ratio in (0, 1] of each image's tokens.
+
+    Ratios are resolved per image by the model adapters that support them (Qwen2-VL / Qwen2.5-VL:
+    ``max(1, round(ratio * merged tokens))``); the others reject them.
+    """
+    if isinstance(value, float):
+        if value > 1.0:  # most likely a count given as a float
+            raise TypeError(
+                f"keep must be an int count or a float ratio in (0, 1] of each image's visual tokens, got "
+                f"keep={value!r}; pass the count as an int (keep={int(value)}) or a ratio such as keep=0.25"
+            )
+        if not value > 0.0:
+            raise ValueError(
+                f"keep={value!r}: a float keep is a ratio of each image's visual tokens and must be in (0, 1]; "
+                f"pass e.g. keep=0.25, or an int count such as keep=64"
+            )
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"keep must be an int >= 1 (visual tokens per image) or a float ratio in (0, 1], "
+            f"got {type(value).__name__} ({value!r})"
+        )
+    if value < 1:
+        raise ValueError(
+            f"keep must be >= 1 (visual tokens per image) or a float ratio in (0, 1], got {value}"
+        )
+    return value
+
+
 @dataclass(frozen=True)
 class FlowCutConfig:
     """Settings of FlowCut.
 
     Args:
-        keep: number of visual (patch) tokens the language model receives per image (``K``).
+        keep: number of visual (patch) tokens the language model receives per image (``K``); on
+            Qwen2-VL / Qwen2.5-VL also a float ratio in (0, 1] of each image's merged tokens.
         semantic_scaling: ``"code"`` (default, the authors' release: ``softmax(v_g . v_j)``) or ``"paper"``
             (Eq. 4: ``softmax(v_g . v_j / sqrt(d))``).
         history_weight: weight of the accumulated score in ``C = w_h * C + (1 - w_h) * S`` (Eq. 6,
@@ -62,14 +93,14 @@ class FlowCutConfig:
             (default ``-1``: the last layer). Composite models (LLaVA) read it from their config.
     """
 
-    keep: int
+    keep: int | float
     semantic_scaling: SemanticScaling = "code"
     history_weight: float = DEFAULT_HISTORY_WEIGHT
     prune_interval: int = DEFAULT_PRUNE_INTERVAL
     feature_layer: int | None = None
 
     def __post_init__(self) -> None:
-        _check_int("keep", self.keep, 1)
+        check_keep(self.keep)
         if self.semantic_scaling not in ("code", "paper"):
             raise ValueError(
                 f"semantic_scaling must be 'code' (the authors' release, unscaled) or 'paper' "
@@ -239,12 +270,27 @@ class FlowCutSelector:
         return num_patches > self.keep
 
     def step(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, has_cls: bool
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        has_cls: bool,
+        group: int = 1,
     ) -> torch.Tensor | None:
-        """Score layer ``layer`` and maybe prune its output. q, k, v: ``(B, H, T, d)`` -> ``(B, n_keep)`` or None."""
+        """Score layer ``layer`` and maybe prune its output. q, k, v: ``(B, H, T, d)`` -> ``(B, n_keep)`` or None.
+
+        ``group > 1``: the patch tokens come in consecutive runs of ``group`` that are kept or dropped
+        together (Qwen2-VL's 2x2 merge units, SPEC "inconsistent"): a unit's score and attention are the
+        means of its tokens', and ``keep``, the schedule and the returned indices count units.
+        """
         cfg = self.config
         with torch.no_grad():
             scores, a = layer_scores(q.detach(), k.detach(), v.detach(), scale, has_cls, cfg.semantic_scaling)
+            if group > 1:
+                scores = scores.unflatten(-1, (-1, group)).mean(dim=-1)  # (B, N / group)
+                a = a.unflatten(-1, (-1, group)).mean(dim=-1)
             if self.cumulative is None:
                 self.cumulative = scores
             else:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .flowcut import _check_int
+from .flowcut import check_keep
 from .llm_base import LLMContext, last_token_attention, top_per_image
 
 PAPER_LAYERS = (8, 16, 24)  # of 32 decoder layers (LLaVA-1.5-7B), Sec. 4 of the paper
@@ -35,18 +35,19 @@ class PDropConfig:
 
     Args:
         keep: the target *average* visual tokens per image over all decoder layers.
+            On Qwen2-VL / Qwen2.5-VL also a float ratio in (0, 1] of each image's merged tokens.
         layers: decoder layers that start a new stage (tokens are dropped at the output of the layer before
             each); default the paper's (8, 16, 24) of 32 scaled to the model's depth.
         ratio: ``lambda``, the fraction kept at each stage; default ``None`` solves it from ``keep``. With
             an explicit ratio, ``keep`` only caps nothing and the paper's schedule is used as given.
     """
 
-    keep: int
+    keep: int | float
     layers: tuple[int, ...] | None = None
     ratio: float | None = None
 
     def __post_init__(self) -> None:
-        _check_int("keep", self.keep, 1)
+        check_keep(self.keep)
         if self.layers is not None:
             layers = tuple(self.layers)
             if not layers or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in layers):

@@ -64,7 +64,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .flowcut import _check_int
+from .flowcut import check_keep
 from .llm_base import LLMContext, LLMSelection
 from .pdrop import stage_counts
 
@@ -80,6 +80,7 @@ class SparseVLMConfig:
 
     Args:
         keep: the target *average* visual tokens per image over all decoder layers.
+            On Qwen2-VL / Qwen2.5-VL also a float ratio in (0, 1] of each image's merged tokens.
         layers: 0-based decoder layers whose attention scores the visual tokens and at whose output they
             are dropped (strictly increasing). Default ``None``: the paper's ``(2, 6, 15)`` of 32 (upstream
             ``pruning_loc``), scaled to the model's depth (:func:`default_layers`).
@@ -90,14 +91,14 @@ class SparseVLMConfig:
             ``cluster_num``).
     """
 
-    keep: int
+    keep: int | float
     layers: tuple[int, ...] | None = None
     recycle: bool = True
     recycle_ratio: float = PAPER_RECYCLE_RATIO
     cluster_ratio: float = PAPER_CLUSTER_RATIO
 
     def __post_init__(self) -> None:
-        _check_int("keep", self.keep, 1)
+        check_keep(self.keep)
         if self.layers is not None:
             layers = tuple(self.layers)
             if not layers or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in layers):

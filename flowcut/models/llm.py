@@ -19,6 +19,12 @@ at each of them, which visual tokens stay. :class:`DecoderPruner` does the plumb
   comes from layer 0's cache length), so RoPE is what the unpruned model would use.
 
 Supported: eager and SDPA attention, ``DynamicCache`` (generate's default), fp32/bf16/fp16.
+
+M-RoPE (Qwen2-VL / Qwen2.5-VL): in transformers 5.x the decoder layers receive ``position_embeddings``
+already composed from the 3-D ids (``(B, T, d)`` cos / sin, like 1-D RoPE) and ``position_ids`` as the
+``(B, T)`` text positions (or ``None``); both are gathered per kept column like any other model's, and a
+``(R, B, T)`` ``position_ids`` is gathered row by row. New tokens' positions come from the caller
+(generate continues the 3-D ids), so nothing else changes.
 """
 
 from __future__ import annotations
@@ -332,7 +338,10 @@ class DecoderPruner:
         prev_pos = prev.position_ids if prev is not None else state.get("position_ids")
         if prev_pos is None:
             prev_pos = prev_orig
-        pos = _gather_seq(prev_pos, src)
+        if prev_pos.dim() == 3:  # M-RoPE ids (R, B, T) (Qwen2-VL): every row gathered like the tokens
+            pos = torch.stack([_gather_seq(p, src) for p in prev_pos])
+        else:
+            pos = _gather_seq(prev_pos, src)
         cos, sin = pe
         # `pe` is over the previous stage's columns: index it by column, not by original position
         pe_new = (_gather_seq(cos, src), _gather_seq(sin, src))

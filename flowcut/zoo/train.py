@@ -80,7 +80,7 @@ class TrainConfig:
     time_budget_s: float = 80 * 60  # whole run; stage 2 is shortened to fit, a hard stop at a step boundary
     log_every: int = 10
     datasets: tuple[str, ...] = ("scenes", "easy-vqa")
-    init: str | None = None  # start from these projector weights (e.g. a stage-1 checkpoint); LoRA not read
+    init: str | None = None  # start from these weights (projector, and the LoRA when the file has one)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -117,12 +117,18 @@ def conversations(dataset: Any, turns: int, rng: random.Random, max_images: int 
         chosen = (rare + common)[:turns]
         rng.shuffle(chosen)
         qa = [(f"{r.question} {SHORT_ANSWER_HINT}", r.answer) for r in chosen]
-        objects = partial(_OBJECT_READERS[dataset.name], dataset, key, records) if dataset.name in _OBJECT_READERS else None
+        objects = (
+            partial(_OBJECT_READERS[dataset.name], dataset, key, records)
+            if dataset.name in _OBJECT_READERS
+            else None
+        )
         out.append(Conversation(f"{dataset.name}/{key}", partial(dataset.image_loader, key), qa, objects))
     return out
 
 
-def _scene_objects(dataset: Any, key: str, records: Sequence[Any]) -> list[tuple[Any, str | None, str | None]]:
+def _scene_objects(
+    dataset: Any, key: str, records: Sequence[Any]
+) -> list[tuple[Any, str | None, str | None]]:
     """Visible pixels of every object of a generated scene (later objects occlude earlier ones)."""
     import numpy as np
     from PIL import Image, ImageDraw
@@ -144,7 +150,9 @@ def _scene_objects(dataset: Any, key: str, records: Sequence[Any]) -> list[tuple
     return [(owner_array == k + 1, obj.color, obj.shape) for k, obj in enumerate(scene.objects)]
 
 
-def _easy_vqa_objects(dataset: Any, key: str, records: Sequence[Any]) -> list[tuple[Any, str | None, str | None]]:
+def _easy_vqa_objects(
+    dataset: Any, key: str, records: Sequence[Any]
+) -> list[tuple[Any, str | None, str | None]]:
     """easy-VQA images hold one flat-coloured shape on a light background: the foreground is every pixel far
     from the corner colour; its colour and shape words are read off the image's questions and answers."""
     import numpy as np
@@ -259,6 +267,22 @@ class LoRA(nn.Module):
             h.remove()
         self._handles.clear()
 
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy ``lora.<module>.A/B`` tensors (as :meth:`state` writes them) into this LoRA."""
+        with torch.no_grad():
+            for name, a, b in zip(self.names, self.A, self.B, strict=True):
+                for key, param in ((f"lora.{name}.A", a), (f"lora.{name}.B", b)):
+                    if key not in state:
+                        raise ValueError(
+                            f"the LoRA to resume from has no {key}; was it trained on other targets?"
+                        )
+                    if state[key].shape != param.shape:
+                        raise ValueError(
+                            f"{key} has shape {tuple(state[key].shape)}, expected {tuple(param.shape)}: "
+                            f"pass the --lora-rank it was trained with"
+                        )
+                    param.copy_(state[key])
+
     def state(self) -> dict[str, torch.Tensor]:
         out = {}
         for name, a, b in zip(self.names, self.A, self.B, strict=True):
@@ -356,7 +380,9 @@ class Grounding:
                 best, owner = cover.max(0)
                 for k, (_, c, s) in enumerate(objects):
                     cells_k = (owner == k) & (best >= self.min_cover)
-                    if not cells_k.any():  # a small or mostly hidden object: its best-covered patch, if it leads
+                    if (
+                        not cells_k.any()
+                    ):  # a small or mostly hidden object: its best-covered patch, if it leads
                         j = int(cover[k].argmax())
                         if owner[j] == k and cover[k, j] > 0:
                             cells_k[j] = True
@@ -498,6 +524,30 @@ def _run_stage(
     return done, (time.perf_counter() - t0) / max(1, done)
 
 
+def _resume_lora(model: Any, cfg: TrainConfig) -> LoRA | None:
+    """The LoRA stored in ``cfg.init`` (hooked onto ``model``), or None when that file has none."""
+    if Path(cfg.init).suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(cfg.init), framework="pt") as handle:
+        state = {k: handle.get_tensor(k) for k in handle.keys() if k.startswith("lora.")}
+        metadata = handle.metadata() or {}
+    if not state:
+        return None
+    lora = LoRA(model.model.language_model, cfg.lora_rank, cfg.lora_alpha)
+    if abs(float(metadata.get("lora_scale", "nan")) - lora.scale) > 1e-9:
+        lora.remove()
+        raise ValueError(
+            f"{cfg.init} has lora_scale {metadata.get('lora_scale')}, this run alpha/rank = {lora.scale}: "
+            f"pass the --lora-rank and --lora-alpha it was trained with"
+        )
+    lora.load(state)
+    for p in lora.parameters():
+        p.requires_grad_(False)  # trained again only in stage 2
+    return lora
+
+
 def train(cfg: TrainConfig, out: str | Path, cache_dir: str | Path | None = None) -> dict[str, Any]:
     """Train and save to ``out``; returns the model card (also stored in the file's metadata)."""
     from flowcut.eval.datasets import load_dataset
@@ -520,6 +570,7 @@ def train(cfg: TrainConfig, out: str | Path, cache_dir: str | Path | None = None
         model.model.multi_modal_projector.load_state_dict(_projector_state(cfg.init))
     for p in model.parameters():
         p.requires_grad_(False)
+    lora = _resume_lora(model, cfg) if cfg.init is not None else None
     projector = list(model.model.multi_modal_projector.parameters())
     for p in projector:
         p.requires_grad_(True)
@@ -572,7 +623,6 @@ def train(cfg: TrainConfig, out: str | Path, cache_dir: str | Path | None = None
     save_weights(model, out, None, {"stage": "projector", "steps": s1})
     val1 = validate(model, processor, cfg)
     print("validation after stage 1:", json.dumps(val1), flush=True)
-    lora = None
     s2 = 0
     below = [n for n, v in val1.items() if v["accuracy"] < cfg.lora_if_below]
     # LoRA steps cost ~1.3x projector steps (measured); keep ~4 minutes for the final validation.
@@ -583,7 +633,10 @@ def train(cfg: TrainConfig, out: str | Path, cache_dir: str | Path | None = None
             f"stage 2: LoRA rank {cfg.lora_rank}, {stage2_steps} steps, because {below} < {cfg.lora_if_below}",
             flush=True,
         )
-        lora = LoRA(model.model.language_model, cfg.lora_rank, cfg.lora_alpha)
+        if lora is None:
+            lora = LoRA(model.model.language_model, cfg.lora_rank, cfg.lora_alpha)
+        for p in lora.parameters():
+            p.requires_grad_(True)
         s2, _ = _run_stage(
             "lora",
             model,
