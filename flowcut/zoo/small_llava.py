@@ -75,6 +75,12 @@ CHAT_TEMPLATE = (
 )
 
 
+# The trained projector + merged-at-load LoRA shipped with the package (``python -m flowcut.zoo.train``; card:
+# docs/training/model-card.json). ``load_small_llava(projector_path=TRAINED_WEIGHTS)`` gives the model that
+# answers; without it the projector is the seeded random one.
+TRAINED_WEIGHTS = Path(__file__).parent / "projector.safetensors"
+
+
 def default_cache_dir() -> Path:
     """``$FLOWCUT_CACHE/small-llava``, or ``~/.cache/flowcut/small-llava`` when the variable is unset."""
     root = os.environ.get("FLOWCUT_CACHE") or "~/.cache/flowcut"
@@ -425,6 +431,7 @@ def load_small_llava(
 __all__ = [
     "CHAT_TEMPLATE",
     "IMAGE_TOKEN",
+    "TRAINED_WEIGHTS",
     "assemble_small_llava",
     "build_small_llava",
     "default_cache_dir",
