@@ -7,7 +7,6 @@ from pathlib import Path
 from PIL import Image
 
 from .inference import compare, save_overlay
-
 from .zoo.small_llava import TRAINED_WEIGHTS as TRAINED_PROJECTOR
 
 PHOTO_QUESTIONS = {
