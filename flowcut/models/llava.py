@@ -51,6 +51,28 @@ def llava_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
 # ------------------------------------------------------------------------------------------------------
 
 
+def call_inputs(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A forward call's arguments by name (``**kwargs`` flattened in), as a forward pre-hook sees them."""
+    inputs = dict(signature.bind_partial(*args, **kwargs).arguments)
+    inputs.update(inputs.pop("kwargs", {}))
+    return inputs
+
+
+def check_feature_options(inputs: dict[str, Any], feature_layer: Any, strategy: str) -> None:
+    """Refuse per-call ``vision_feature_layer`` / ``vision_feature_select_strategy`` that differ from the
+    config values the pruning was set up for."""
+    for name, value in (
+        ("vision_feature_layer", feature_layer),
+        ("vision_feature_select_strategy", strategy),
+    ):
+        given = inputs.get(name)
+        if given is not None and given != value:
+            raise ValueError(
+                f"{name}={given!r} differs from the model config ({value!r}) that the pruning was set up "
+                f"for; change model.config and prune again"
+            )
+
+
 def placeholder_drop_mask(
     input_ids: torch.Tensor, image_token_id: int, per_image: int, keep: int
 ) -> torch.Tensor:
@@ -304,16 +326,7 @@ class LlavaAttachment:
                 "pruned LLaVA needs input_ids with the image placeholders (inputs_embeds with pixel_values is "
                 "not supported); pass the processor's output"
             )
-        for name, value in (
-            ("vision_feature_layer", self.feature_layer),
-            ("vision_feature_select_strategy", self.strategy),
-        ):
-            given = inputs.get(name)
-            if given is not None and given != value:
-                raise ValueError(
-                    f"{name}={given!r} differs from the model config ({value!r}) that the pruning was set up "
-                    f"for; change model.config and prune again"
-                )
+        check_feature_options(inputs, self.feature_layer, self.strategy)
         per_image, kept = self.placeholders(pixel_values)
         if kept >= per_image:
             return None
@@ -331,10 +344,7 @@ class LlavaAttachment:
 
     # -- hooks ----------------------------------------------------------------------------------------
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        bound = self._signature.bind_partial(*args, **kwargs)
-        inputs = dict(bound.arguments)
-        extra = inputs.pop("kwargs", {})
-        inputs.update(extra)
+        inputs = call_inputs(self._signature, args, kwargs)
         result = self.compact_inputs(inputs)
         # A forward that inserts images (a prefill) carries pixel_values, or, inside generate(), the images
         # encoded beforehand (`mm_encoder_outputs`); the per-image placeholder count then comes from the

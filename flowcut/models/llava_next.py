@@ -58,7 +58,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .llava import compact_prompt, wrap_generate
+from .llava import call_inputs, check_feature_options, compact_prompt, wrap_generate
 from .vit import EncoderPassRecord, EncoderPruner, EncoderSelector, consumed_layer, tower_spec
 
 
@@ -506,16 +506,7 @@ class LlavaNextAttachment:
             )
         if inputs.get("mm_encoder_outputs"):
             raise ValueError("pass either pixel_values or mm_encoder_outputs, not both")
-        for name, value in (
-            ("vision_feature_layer", self.feature_layer),
-            ("vision_feature_select_strategy", self.strategy),
-        ):
-            given = inputs.get(name)
-            if given is not None and given != value:
-                raise ValueError(
-                    f"{name}={given!r} differs from the model config ({value!r}) that the pruning was set up "
-                    f"for; change model.config and prune again"
-                )
+        check_feature_options(inputs, self.feature_layer, self.strategy)
         layouts = self.encode(pixel_values, inputs.get("image_sizes"))
         per_image = [im.unpruned_length for im in layouts]
         kept = [im.length for im in layouts]
@@ -571,9 +562,7 @@ class LlavaNextAttachment:
 
     # -- hooks ----------------------------------------------------------------------------------------
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        bound = self._signature.bind_partial(*args, **kwargs)
-        inputs = dict(bound.arguments)
-        inputs.update(inputs.pop("kwargs", {}))
+        inputs = call_inputs(self._signature, args, kwargs)
         result = self.compact_inputs(inputs)
         if result is not None:
             final, _, layouts = result

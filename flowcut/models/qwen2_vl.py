@@ -64,7 +64,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..methods.llm_base import LLMContext, LLMSelection, LLMSelector
-from .llava import IGNORE_INDEX, compact, padding_side, wrap_generate
+from .llava import IGNORE_INDEX, call_inputs, compact, padding_side, wrap_generate
 from .llm import DecoderPruner
 from .vit import EncoderPassRecord, EncoderSelector
 
@@ -807,9 +807,7 @@ class QwenAttachment:
 
     # -- hooks ----------------------------------------------------------------------------------------
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        bound = self._signature.bind_partial(*args, **kwargs)
-        inputs = dict(bound.arguments)
-        inputs.update(inputs.pop("kwargs", {}))
+        inputs = call_inputs(self._signature, args, kwargs)
         result = self.compact_inputs(inputs)
         if result is not None:
             final, _, layout = result

@@ -59,7 +59,13 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..methods.llm_base import LLMSelector
-from .llava import compact_prompt, placeholder_drop_mask, wrap_generate
+from .llava import (
+    call_inputs,
+    check_feature_options,
+    compact_prompt,
+    placeholder_drop_mask,
+    wrap_generate,
+)
 from .llm import DecoderPruner
 from .vit import EncoderPassRecord, EncoderPruner, EncoderSelector, consumed_layer, tower_spec
 
@@ -393,16 +399,7 @@ class VideoLlavaAttachment:
                 "pruned Video-LLaVA needs input_ids with the image / video placeholders (inputs_embeds with "
                 "pixel values is not supported); pass the processor's output"
             )
-        for name, value in (
-            ("vision_feature_layer", self.feature_layer),
-            ("vision_feature_select_strategy", self.strategy),
-        ):
-            given = inputs.get(name)
-            if given is not None and given != value:
-                raise ValueError(
-                    f"{name}={given!r} differs from the model config ({value!r}) that the pruning was set up "
-                    f"for; change model.config and prune again"
-                )
+        check_feature_options(inputs, self.feature_layer, self.strategy)
         drop = torch.zeros_like(ids, dtype=torch.bool)
         for kind, token, count, block, kept in (
             ("image", self.image_token_id, plan.n_images, plan.image_block, plan.image_kept),
@@ -434,9 +431,7 @@ class VideoLlavaAttachment:
 
     # -- hooks ----------------------------------------------------------------------------------------
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        bound = self._signature.bind_partial(*args, **kwargs)
-        inputs = dict(bound.arguments)
-        inputs.update(inputs.pop("kwargs", {}))
+        inputs = call_inputs(self._signature, args, kwargs)
         renamed = inputs.get("pixel_values_images") is not None and inputs.get("pixel_values") is None
         if renamed:  # the deprecated name: upstream renames it after this hook, so do it here
             inputs["pixel_values"] = inputs.pop("pixel_values_images")
