@@ -1,6 +1,7 @@
-"""The efficiency benchmark runner (flowcut.bench.runner) and its CLI, on the tiny preset.
+"""The efficiency benchmark runner (flowcut.bench.runner) and its CLI, on the tiny LLaVA preset.
 
-No timing assertions: only structure, analytic consistency and the written files.
+No timing assertions: only structure, analytic consistency and the written files. LLaVA-NeXT and Qwen2-VL:
+tests/test_bench_models.py.
 """
 
 from __future__ import annotations
@@ -19,31 +20,46 @@ from flowcut.bench.flops import (
     prefill_breakdown,
     prefill_tflops,
 )
-from flowcut.bench.runner import EXEC_CONVENTION, BenchResult, ReplaySelector, cache_bytes, run_benchmark
+from flowcut.bench.runner import (
+    EXEC_CONVENTION,
+    BenchResult,
+    ReplayLLMSelector,
+    ReplaySelector,
+    cache_bytes,
+    run_benchmark,
+)
 
 KEEPS = (32, 16)  # the tiny tower has 64 patches
+METHODS = ("flowcut", "random", "grid", "fastv")
+LLM_LAYERS = 4
 
 
 @pytest.fixture(scope="module")
 def result() -> BenchResult:
-    return run_benchmark(
-        "tiny",
-        methods=("flowcut", "random", "grid"),
-        keeps=KEEPS,
-        repeats=1,
-        warmup=0,
-        decode_tokens=2,
-        progress=False,
-    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model is dominated by thread start-up on a busy 2-core machine
+    try:
+        return run_benchmark(
+            "tiny",
+            methods=METHODS,
+            keeps=KEEPS,
+            repeats=1,
+            warmup=0,
+            decode_tokens=2,
+            progress=False,
+        )
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_rows(result: BenchResult) -> None:
     names = [r.name for r in result.rows]
     assert names[0] == "unpruned"
     for k in KEEPS:
-        for m in ("flowcut", "random", "grid", "oracle"):
+        for m in (*METHODS, "oracle"):
             assert f"{m}@{k}" in names
-    assert len(names) == 1 + len(KEEPS) * 4
+    assert len(names) == 1 + len(KEEPS) * (len(METHODS) + 1)
+    assert result.meta["family"] == "llava" and result.meta["skipped"] == []
     for r in result.rows:
         assert len(r.prefill_s) == len(r.vision_s) == len(r.llm_s) == 1
         assert len(r.decode_s) == 1
@@ -53,7 +69,7 @@ def test_rows(result: BenchResult) -> None:
 
 def test_tflops_fall_with_keep(result: BenchResult) -> None:
     base = result.baseline
-    for m in ("flowcut", "random", "grid", "oracle"):
+    for m in (*METHODS, "oracle"):
         big, small = result.row(f"{m}@{KEEPS[0]}"), result.row(f"{m}@{KEEPS[1]}")
         assert base.tflops > big.tflops > small.tflops
         assert base.tflops_exec > big.tflops_exec > small.tflops_exec
@@ -69,17 +85,30 @@ def test_unpruned_ratios_are_one(result: BenchResult) -> None:
         base.vision_ratio,
     ):
         assert value == pytest.approx(1.0)
-    assert base.llm_visual_tokens == 64
+    assert base.llm_visual_tokens == [64] * LLM_LAYERS
+    assert base.vision_tokens == [[65] * 6]
+
+
+def test_unpruned_equals_prefill_breakdown(result: BenchResult) -> None:
+    """Counted from the run's own hooks, the unpruned row is flops.prefill_breakdown of the unpruned model."""
+    base = result.baseline
+    ref = prefill_breakdown("tiny", text_tokens=base.text_tokens)
+    assert base.tflops == pytest.approx(ref.tflops, rel=1e-12)
+    assert result.meta["unpruned_reference_tflops"] == pytest.approx(ref.tflops, rel=1e-12)
+    for part in ("vision", "projector", "llm", "lm_head"):
+        assert base.tflops_parts[part] == pytest.approx(getattr(ref, part) / 1e12, rel=1e-12)
+    ex = prefill_breakdown("tiny", text_tokens=base.text_tokens, convention=EXEC_CONVENTION)
+    assert base.tflops_exec == pytest.approx(ex.tflops, rel=1e-12)
 
 
 def test_oracle_matches_method_tokens(result: BenchResult) -> None:
     for k in KEEPS:
         oracle, fc = result.row(f"oracle@{k}"), result.row(f"flowcut@{k}")
-        assert oracle.llm_visual_tokens == fc.llm_visual_tokens == k
+        assert oracle.llm_visual_tokens == fc.llm_visual_tokens == [k] * LLM_LAYERS
         assert oracle.vision_tokens == fc.vision_tokens
         assert oracle.tflops == fc.tflops
         for m in ("random", "grid"):
-            assert result.row(f"{m}@{k}").llm_visual_tokens == k
+            assert result.row(f"{m}@{k}").llm_visual_tokens == [k] * LLM_LAYERS
 
 
 def test_flops_consistency(result: BenchResult) -> None:
@@ -87,24 +116,49 @@ def test_flops_consistency(result: BenchResult) -> None:
     base = result.baseline
     assert base.tflops == pytest.approx(prefill_tflops("tiny", text_tokens=base.text_tokens))
     for r in result.rows:
-        assert len(r.vision_tokens) == shape.vision.num_layers == len(r.tokens_per_layer)
-        # entering layer i+1 = patch tokens after layer i, plus the CLS token
-        assert r.vision_tokens[1:] == [t + 1 for t in r.tokens_per_layer[:-1]]
-        expected = prefill_tflops(shape, r.vision_tokens, r.llm_visual_tokens, text_tokens=r.text_tokens)
+        (vision,) = r.vision_tokens  # one encoder pass per image
+        assert len(vision) == shape.vision.num_layers
+        if r.method not in ("none", "fastv"):
+            # entering layer i+1 = patch tokens after layer i (what the handle reports), plus the CLS token
+            assert vision[1:] == [t + 1 for t in r.tokens_per_layer[:-1]]
+        expected = prefill_tflops(shape, vision, r.llm_visual_tokens, text_tokens=r.text_tokens)
         assert r.tflops == pytest.approx(expected, rel=1e-12)
-        parts = prefill_breakdown(shape, r.vision_tokens, r.llm_visual_tokens, text_tokens=r.text_tokens)
+        parts = prefill_breakdown(shape, vision, r.llm_visual_tokens, text_tokens=r.text_tokens)
         assert sum(r.tflops_parts.values()) == pytest.approx(parts.tflops)
         ex = prefill_tflops(
-            shape, r.vision_tokens, r.llm_visual_tokens, text_tokens=r.text_tokens, convention=EXEC_CONVENTION
+            shape, vision, r.llm_visual_tokens, text_tokens=r.text_tokens, convention=EXEC_CONVENTION
         )
         assert r.tflops_exec == pytest.approx(ex)
         assert r.tflops_ratio == pytest.approx(r.tflops / base.tflops)
         assert r.flops_speedup == pytest.approx(base.tflops_exec / r.tflops_exec)
         assert r.flops_fraction == pytest.approx(r.speedup / r.flops_speedup)
-        # KV cache read from the returned cache = the analytic size (float32: 4 bytes)
-        assert r.kv_bytes == r.kv_bytes_analytic
-        assert r.kv_bytes == kv_cache_bytes(shape, r.llm_visual_tokens + r.text_tokens, bytes_per_value=4)
     assert PAPER_CONVENTION.lm_head == "all" and EXEC_CONVENTION.lm_head == "last"
+
+
+def test_decoder_stage_method_between_unpruned_and_vision_stage(result: BenchResult) -> None:
+    """FastV (K=2) runs the whole tower and decoder layers 0-1 on every token, then K: by construction its
+    TFLOPs lie strictly between the unpruned model and a vision-stage method at the same K."""
+    base = result.baseline
+    for k in KEEPS:
+        fastv = result.row(f"fastv@{k}")
+        assert fastv.vision_tokens == base.vision_tokens
+        assert fastv.llm_visual_tokens == [64, 64] + [k] * (LLM_LAYERS - 2)
+        for vision_stage in ("random", "flowcut"):
+            other = result.row(f"{vision_stage}@{k}")
+            assert base.tflops > fastv.tflops > other.tflops
+            assert base.tflops_exec > fastv.tflops_exec > other.tflops_exec
+    assert "64 x 2, 16 x 2" in result.to_markdown()  # the compact per-layer LLM schedule
+
+
+def test_kv_bytes_from_cache_equal_per_layer_analytic(result: BenchResult) -> None:
+    shape = model_shape("tiny")
+    for r in result.rows:
+        per_layer = [v + r.text_tokens for v in r.llm_visual_tokens]
+        assert r.kv_bytes == r.kv_bytes_analytic == kv_cache_bytes(shape, per_layer, bytes_per_value=4)
+    fastv = result.row(f"fastv@{KEEPS[1]}")
+    # a constant count (what the last layer sees, or the first) would be wrong for a decoder-stage method
+    for n in (fastv.llm_visual_tokens[0], fastv.llm_visual_final):
+        assert fastv.kv_bytes != kv_cache_bytes(shape, n + fastv.text_tokens, bytes_per_value=4)
 
 
 def test_targets_listed(result: BenchResult) -> None:
@@ -126,13 +180,26 @@ def test_files_written(result: BenchResult, tmp_path) -> None:
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_replay_selector_and_cache_bytes() -> None:
+def test_replay_selectors_and_cache_bytes() -> None:
     steps = {3: torch.tensor([[0, 2]])}
     sel = ReplaySelector(steps, keep=2)
     q = torch.zeros(1, 1, 5, 4)
     assert sel.needs_scores(4) and not sel.needs_scores(2)
     assert sel.step(1, q, q, q, 1.0, True) is None
     assert torch.equal(sel.step(3, q, q, q, 1.0, True), steps[3])
+    assert torch.equal(sel.step(3, q, q, q, 1.0, False, group=4), steps[3])  # Qwen2-VL merge units
+    mask = torch.tensor([[True, False, True]])
+    llm = ReplayLLMSelector([1], {1: mask})
+    assert llm.prune_layers(4, 100) == [1]
+
+    class Ctx:
+        layer = 1
+        visual = torch.zeros(1, 3, dtype=torch.bool)
+
+    assert torch.equal(llm.select(Ctx()), mask)
+    Ctx.visual = torch.zeros(1, 5, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="recorded mask"):
+        llm.select(Ctx())
     assert cache_bytes(None) is None
     assert cache_bytes(((torch.zeros(2, 3), torch.zeros(2, 3)),)) == 48
 
@@ -169,8 +236,12 @@ def test_cli(tmp_path, capsys) -> None:
     assert (tmp_path / "bench.json").is_file() and (tmp_path / "bench.png").is_file()
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--preset", "tiny", "--model", "x"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--preset", "no-such-preset"])
 
 
 def test_rejects_unknown_method() -> None:
     with pytest.raises(ValueError, match="unknown method"):
         run_benchmark("tiny", methods=("nope",), keeps=(16,), repeats=1, warmup=0, progress=False)
+    with pytest.raises(ValueError, match="keeps must be ints"):
+        run_benchmark("tiny", methods=("grid",), keeps=(0,), repeats=1, warmup=0, progress=False)

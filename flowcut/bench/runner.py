@@ -1,18 +1,25 @@
-"""End-to-end efficiency benchmark: unpruned vs pruned vs oracle LLaVA, timed A/B and counted analytically.
+"""End-to-end efficiency benchmark: unpruned vs pruned vs oracle, timed A/B and counted analytically.
 
-:func:`run_benchmark` builds (or loads) one LLaVA model and measures, for the unpruned model, every
-``method x keep`` and one **oracle** per ``keep``:
+:func:`run_benchmark` builds (or loads) one vision-language model -- LLaVA-1.5, LLaVA-NeXT or Qwen2-VL --
+and measures, for the unpruned model, every ``method x keep`` and one **oracle** per ``keep``:
 
 * analytic TFLOPs of the prefill (vision tower + projector + LLM + ``lm_head``) from the *real* per-layer
-  token counts of the run (``handle.tokens_per_layer``), with :data:`flowcut.bench.flops.PAPER_CONVENTION`
-  (the paper's Table 5 accounting: ``lm_head`` on every prompt position, no attention products) and with
-  an *executed* convention (:data:`EXEC_CONVENTION`: attention products counted, ``lm_head`` on the last
-  position only, which is what the timed forward with ``logits_to_keep=1`` runs). The FLOPs-allowed
-  speed-up is computed with the executed convention;
+  token counts of the run, read by hooks in an untimed set-up pass: the sequence length entering every
+  encoder layer of every encoder pass (an image; a LLaVA-NeXT crop; a Qwen2-VL image's packed patches,
+  from the block's ``cu_seqlens``, before the 2x2 merger) and the tokens entering every decoder layer
+  (methods that prune inside the LLM -- FastV, PDrop, SparseVLM, FlowCut's LLaVA-NeXT / Qwen2-VL second
+  stage -- shrink it at their layers: ``handle.llm_record.kept_positions``). They are counted with
+  :data:`flowcut.bench.flops.PAPER_CONVENTION` (the paper's Table 5 accounting: ``lm_head`` on every prompt
+  position, no attention products) and with an *executed* convention (:data:`EXEC_CONVENTION`: attention
+  products counted, ``lm_head`` on the last position only, which is what the timed forward with
+  ``logits_to_keep=1`` runs). The FLOPs-allowed speed-up is computed with the executed convention. The
+  unpruned row equals :func:`flowcut.bench.flops.prefill_breakdown` of the unpruned model;
 * prefill wall time (one forward with the image, ``use_cache=True``, ``logits_to_keep=1``), the vision
   tower's share and the language model's share (:class:`flowcut.bench.timing.StageTimer`);
 * decode time per token (greedy forward steps on the returned KV cache);
-* KV-cache bytes (read from the returned cache; cross-checked with :func:`flowcut.bench.flops.kv_cache_bytes`);
+* KV-cache bytes (read from the returned cache; cross-checked with :func:`flowcut.bench.flops.kv_cache_bytes`
+  on the per-layer token counts: a decoder-stage method caches fewer tokens in its later layers; with
+  ``batch_size > 1`` the cache also holds the padding / filler columns that the analytic count leaves out);
 * peak memory: CUDA ``max_memory_allocated`` above the weights; on CPU the peak resident-set growth
   during the prefill, sampled from ``/proc/self/statm`` every few ms (a lower bound: the allocator may
   reuse memory it already holds; ``tracemalloc`` does not see torch's allocations and ``ru_maxrss`` is a
@@ -23,15 +30,23 @@ in a freshly shuffled order (seeded), attaching the pruning hooks just before an
 the variant's own calls, so slow drifts of a shared machine hit all variants alike. Ratios against the
 unpruned model are medians of the per-round (paired) ratios.
 
+A method the model does not support (Qwen2-VL: only ``flowcut``, ``fastv``, ``pdrop``, ``sparsevlm``), or a
+budget a staged method cannot reach, is skipped in the set-up pass with a note in ``meta["skipped"]`` and
+the Markdown; a ``ValueError`` is raised only when nothing is left to compare.
+
 The oracle
 ----------
 "The same model fed exactly the kept tokens, without the selection work": the oracle runs the same vision
 tower on the same image, with a *fixed, precomputed* index gather after exactly the layers where FlowCut
 pruned (the indices FlowCut chose for this input, recorded once in a set-up pass), so every encoder layer
-sees the same number of tokens as with FlowCut, and the language model receives a prompt that already has
-exactly ``K`` placeholders per image. It keeps the same hook plumbing (q/k/v capture, gather) and skips
-only FlowCut's scoring, so ``selection overhead = flowcut prefill / oracle prefill - 1`` is the cost of
-choosing the tokens. Its TFLOPs equal FlowCut's (the scoring itself is ``O(T)`` per layer and not counted).
+sees the same number of tokens as with FlowCut. LLaVA-1.5: the language model receives a prompt that
+already has exactly ``K`` placeholders per image. LLaVA-NeXT and Qwen2-VL (two-stage FlowCut): FlowCut's
+decoder-layer-1 keep mask is replayed too (no scoring); LLaVA-NeXT gets the prompt already cut to the
+packed layout; Qwen2-VL's attachment has no entry for an already compacted prompt, so its oracle still
+does the prompt surgery (M-RoPE ids, compaction) that FlowCut does, and its overhead is the scoring alone.
+The oracle keeps the same hook plumbing (q/k/v capture, gather) and skips only FlowCut's scoring, so
+``selection overhead = flowcut prefill / oracle prefill - 1`` is the cost of choosing the tokens. Its
+TFLOPs equal FlowCut's (the scoring itself is ``O(T)`` per layer and not counted).
 """
 
 from __future__ import annotations
@@ -42,6 +57,7 @@ import math
 import platform
 import random
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -52,18 +68,33 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..api import available_methods, prune
-from ..methods.flowcut import FlowCutConfig, FlowCutSelector
-from ..models.llava import LlavaAttachment, compact_prompt, llava_parts, placeholder_drop_mask
+from ..api import METHODS, available_methods, prune
+from ..methods.flowcut import FlowCutConfig
+from ..methods.llm_base import LLMContext, LLMSelection
+from ..models.llava import LlavaAttachment, compact_prompt, placeholder_drop_mask
+from ..models.llava_next import LlavaNextAttachment, block_drop_mask
+from ..models.llm import DecoderPruner
+from ..models.qwen2_vl import QWEN_METHODS, QwenAttachment
+from ..models.vit import tower_spec
 from .flops import (
     DENSE_CONVENTION,
     PAPER_CONVENTION,
+    PAPER_NEXT_IMAGE_SIZE,
     FlopsConvention,
+    ModelShape,
+    PrefillFlops,
     kv_cache_bytes,
     model_shape,
     prefill_breakdown,
 )
-from .presets import PRESETS, build_preset_model, example_inputs, get_preset
+from .presets import (
+    PRESETS,
+    build_preset_model,
+    default_image_size,
+    example_inputs,
+    get_preset,
+    model_class_for,
+)
 
 # What the timed prefill executes: dense attention products in the tower and the LLM, last-position logits.
 EXEC_CONVENTION: FlopsConvention = DENSE_CONVENTION
@@ -95,27 +126,31 @@ def _median(xs: Sequence[float]) -> float:
 class BenchRow:
     """One variant: the unpruned model, a ``method`` at ``keep``, or the oracle at ``keep``.
 
-    Times are seconds, one entry per timed round (``decode_s``: mean per-token time of that round).
-    ``vision_tokens`` is the sequence length entering every encoder layer (global token included);
-    ``tokens_per_layer`` the patch tokens after every layer (what ``handle.tokens_per_layer`` reports).
+    Times are seconds, one entry per timed round (``decode_s``: mean per-token time of that round). The
+    token schedules are those of the batch's first prompt (TFLOPs and KV bytes cover the whole batch):
+    ``vision_tokens`` has one list per encoder pass of the prompt's image (LLaVA-1.5: one; LLaVA-NeXT: one
+    per crop, base image first; Qwen2-VL: one, the image's patch tokens before the 2x2 merger), each the
+    sequence length entering every encoder layer, global token included; ``llm_visual_tokens`` the visual
+    tokens (LLaVA-NeXT: newline tokens included) entering every decoder layer; ``text_tokens`` the other
+    prompt tokens, entering every layer. ``tokens_per_layer`` is what ``handle.tokens_per_layer`` reported.
     """
 
     name: str
     method: str  # "none", a method name, or "oracle"
     keep: int | None
-    llm_visual_tokens: int
+    vision_tokens: list[list[int]]
+    llm_visual_tokens: list[int]
     text_tokens: int
-    vision_tokens: list[int]
     tokens_per_layer: list[int]
     tflops: float  # PAPER_CONVENTION, whole batch
     tflops_parts: dict[str, float]  # PAPER_CONVENTION: vision / projector / llm / lm_head (TFLOPs)
     tflops_exec: float  # EXEC_CONVENTION, whole batch
+    kv_bytes_analytic: int
     prefill_s: list[float] = field(default_factory=list)
     vision_s: list[float] = field(default_factory=list)
     llm_s: list[float] = field(default_factory=list)
     decode_s: list[float] = field(default_factory=list)
     kv_bytes: int | None = None
-    kv_bytes_analytic: int | None = None
     peak_mem_bytes: list[int] = field(default_factory=list)
     # Filled by BenchResult.finalise(): paired ratios against the unpruned row.
     speedup: float = math.nan
@@ -124,6 +159,11 @@ class BenchRow:
     flops_speedup: float = math.nan  # EXEC_CONVENTION
     flops_speedup_paper: float = math.nan
     flops_fraction: float = math.nan  # speedup / flops_speedup
+
+    @property
+    def llm_visual_final(self) -> int:
+        """Visual tokens entering the last decoder layer (what is left after every stage)."""
+        return self.llm_visual_tokens[-1]
 
     def stat(self, what: str) -> dict[str, float]:
         """``median``, ``q1``, ``q3``, ``min``, ``max`` of the series ``what`` (e.g. ``"prefill_s"``)."""
@@ -146,17 +186,19 @@ class BenchRow:
 
 @dataclass
 class TargetCheck:
-    """One of the issue's targets, evaluated on this run."""
+    """One of the issue's targets, evaluated on this run (``passed=None``: not measurable here, n/a)."""
 
     name: str
     keep: int
     value: float
     threshold: float
-    passed: bool
+    passed: bool | None
     detail: str
 
     @property
     def verdict(self) -> str:
+        if self.passed is None:
+            return "n/a"
         return "PASS" if self.passed else "MISS"
 
 
@@ -199,17 +241,23 @@ class BenchResult:
         for k in keeps:
             fc = self.row(f"flowcut@{k}")
             oracle = next((r for r in self.rows if r.method == "oracle" and r.keep == k), None)
+            name = "selection overhead (flowcut / oracle prefill - 1)"
             if oracle is not None:
                 ov = _paired(fc.prefill_s, oracle.prefill_s) - 1.0
                 checks.append(
                     TargetCheck(
-                        "selection overhead (flowcut / oracle prefill - 1)",
+                        name,
                         k,
                         ov,
                         TARGET_SELECTION_OVERHEAD,
                         ov <= TARGET_SELECTION_OVERHEAD,
                         f"{100 * ov:+.1f} % (target <= {100 * TARGET_SELECTION_OVERHEAD:.0f} %)",
                     )
+                )
+            else:
+                why = self.meta.get("oracle_skipped") or "no oracle row"
+                checks.append(
+                    TargetCheck(name, k, math.nan, TARGET_SELECTION_OVERHEAD, None, f"n/a (no oracle: {why})")
                 )
             vr = _paired(fc.vision_s, base.vision_s)
             checks.append(
@@ -237,40 +285,47 @@ class BenchResult:
 
     # -- output ---------------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        return {
-            "meta": self.meta,
-            "rows": [r.as_dict() for r in self.rows],
-            "targets": [{**dataclasses.asdict(t), "verdict": t.verdict} for t in self.targets],
-        }
+        """A JSON-ready dict; non-finite floats (ratios of untimed series, n/a targets) become ``None``."""
+        return _finite(
+            {
+                "meta": self.meta,
+                "rows": [r.as_dict() for r in self.rows],
+                "targets": [{**dataclasses.asdict(t), "verdict": t.verdict} for t in self.targets],
+            }
+        )
 
     def to_markdown(self) -> str:
-        """The results table, the token schedules and the targets, as Markdown."""
+        """The results table, the token schedules, skipped variants and the targets, as Markdown."""
         m = self.meta
         lines = [f"# FlowCut efficiency benchmark: {m['model']}", ""]
         lines.append(
             f"- device: {m['device']} ({m['device_name']}), dtype {m['dtype']}, torch {m['torch']}, "
             f"transformers {m['transformers']}, {m['threads']} CPU threads"
         )
+        size = m.get("image_size")
+        size_txt = f" ({size[1]}x{size[0]} image, w x h)" if size and m.get("family") != "llava" else ""
         lines.append(
             f"- batch {m['batch_size']}, {m['text_tokens']} text tokens + {m['visual_tokens']} visual tokens "
-            f"per sample, {m['repeats']} timed rounds after {m['warmup']} warm-up rounds, variants interleaved "
-            f"in a shuffled order every round; {m['decode_tokens']} greedy decode steps per round"
+            f"per sample{size_txt}, {m['repeats']} timed rounds after {m['warmup']} warm-up rounds, variants "
+            f"interleaved in a shuffled order every round; {m['decode_tokens']} greedy decode steps per round"
         )
         if m.get("llm_layers_note"):
             lines.append(f"- **{m['llm_layers_note']}**")
         lines.append(
             "- TFLOPs: paper convention (Table 5: 2 x weights x tokens, `lm_head` on every prompt position); "
             "'exec' = attention products counted, `lm_head` on the last position (what the timed forward "
-            "runs, `logits_to_keep=1`); the FLOPs-allowed speed-up uses 'exec'"
+            "runs, `logits_to_keep=1`); the FLOPs-allowed speed-up uses 'exec'; both from the real per-layer "
+            "token counts of this run"
         )
         lines.append(
             "- times: median [IQR] over rounds; speed-up = median of per-round paired ratios against the "
             "unpruned model; fraction = measured speed-up / FLOPs-allowed speed-up"
         )
         lines.append(f"- memory: {m['memory_note']}")
+        lines.append(f"- oracle: {m['oracle']}")
         lines.append("")
         head = (
-            "| variant | LLM visual tokens | TFLOPs (paper) | TFLOPs (exec) | prefill ms | speed-up | "
+            "| variant | LLM visual tokens per layer | TFLOPs (paper) | TFLOPs (exec) | prefill ms | speed-up | "
             "FLOPs speed-up | fraction | vision ms | vision ratio | LLM ms | decode ms/token | KV MiB | "
             "peak mem MiB |"
         )
@@ -279,7 +334,7 @@ class BenchResult:
             p, v, llm, dec = (r.stat(k) for k in ("prefill_s", "vision_s", "llm_s", "decode_s"))
             mem = _median(r.peak_mem_bytes) if r.peak_mem_bytes else None
             lines.append(
-                f"| {r.name} | {r.llm_visual_tokens} | {r.tflops:.4g} | {r.tflops_exec:.4g} | "
+                f"| {r.name} | {_runs(r.llm_visual_tokens)} | {r.tflops:.4g} | {r.tflops_exec:.4g} | "
                 f"{1e3 * p['median']:.1f} [{1e3 * p['q1']:.1f}, {1e3 * p['q3']:.1f}] | {r.speedup:.2f}x | "
                 f"{r.flops_speedup:.2f}x | {100 * r.flops_fraction:.0f} % | {1e3 * v['median']:.1f} | "
                 f"{r.vision_ratio:.3f} | {1e3 * llm['median']:.1f} | "
@@ -290,11 +345,24 @@ class BenchResult:
             )
         lines += [
             "",
-            "Vision tokens entering each encoder layer (global token included; `n x c` = n for c layers):",
+            "LLM visual tokens per layer: visual tokens entering each decoder layer (`n x c` = n for c layers"
+            + ("; newline tokens included" if m.get("family") == "llava_next" else "")
+            + f"), plus {m['text_tokens']} text tokens at every layer.",
+            "",
+            "Vision tokens entering each encoder layer ("
+            + {
+                "llava": "global token included",
+                "llava_next": "global token included; one list per crop, base image first",
+                "qwen2_vl": "patch tokens before the 2x2 merger; no global token",
+            }.get(m.get("family", "llava"), "")
+            + "):",
             "",
         ]
         for r in self.rows:
-            lines.append(f"- {r.name}: {_runs(r.vision_tokens)}")
+            lines.append(f"- {r.name}: {_crops(r.vision_tokens)}")
+        if m.get("skipped"):
+            lines += ["", "## Skipped", ""]
+            lines += [f"- {s}" for s in m["skipped"]]
         if self.targets:
             lines += ["", "## Targets", "", "| target | keep | result | verdict |", "|---|---|---|---|"]
             for t in self.targets:
@@ -388,13 +456,41 @@ def _runs(xs: Iterable[int]) -> str:
     return ", ".join(f"{v} x {c}" if c > 1 else str(v) for v, c in out)
 
 
+def _crops(seqs: Sequence[Sequence[int]]) -> str:
+    """Per-crop schedules, identical ones grouped: ``577 x 24`` or ``3 crops: 577 x 4, 41 x 2; 2 crops: ...``."""
+    groups: list[list[Any]] = []
+    for s in seqs:
+        for g in groups:
+            if g[0] == list(s):
+                g[1] += 1
+                break
+        else:
+            groups.append([list(s), 1])
+    if len(seqs) == 1:
+        return _runs(seqs[0])
+    return "; ".join(f"{n} crop{'s' if n > 1 else ''}: {_runs(s)}" for s, n in groups)
+
+
+def _finite(o: Any) -> Any:
+    """``o`` with every non-finite float replaced by ``None`` (strict JSON has no NaN)."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The oracle: a replay of FlowCut's gathers, no scoring
 # ---------------------------------------------------------------------------------------------------------
 
 
 class _RecordingSelector:
-    """Wraps a selector and records the indices it returns per layer (for the oracle's replay)."""
+    """Wraps an encoder selector and records the indices it returns per layer (for the oracle's replay).
+
+    ``group`` (Qwen2-VL's merge units) is passed on; the recorded indices then count units."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
@@ -409,16 +505,29 @@ class _RecordingSelector:
         return self.inner.needs_scores(num_patches)
 
     def step(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, has_cls: bool
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        has_cls: bool,
+        group: int = 1,
     ) -> torch.Tensor | None:
-        idx = self.inner.step(layer, q, k, v, scale, has_cls)
+        extra = {"group": group} if group != 1 else {}
+        idx = self.inner.step(layer, q, k, v, scale, has_cls, **extra)
         if idx is not None:
+            if not isinstance(idx, torch.Tensor):
+                raise TypeError("the oracle replays index gathers; token merging cannot be replayed")
             self.steps[layer] = idx.detach().clone()
         return idx
 
 
 class ReplaySelector:
-    """Oracle selector: returns precomputed indices after the recorded layers; computes nothing."""
+    """Oracle encoder selector: returns precomputed indices after the recorded layers; computes nothing.
+
+    ``steps[layer]``: ``(B, n)`` indices the recorded selector returned at ``layer`` (patches, or merge units
+    when the model passes ``group``)."""
 
     def __init__(self, steps: dict[int, torch.Tensor], keep: int) -> None:
         self.steps = steps
@@ -431,9 +540,63 @@ class ReplaySelector:
         return num_patches > self.keep
 
     def step(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, has_cls: bool
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        has_cls: bool,
+        group: int = 1,
     ) -> torch.Tensor | None:
         return self.steps.get(layer)
+
+
+class _RecordingLLMSelector:
+    """Wraps a language-model selector and records its prune layers and keep masks (for the replay)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.layers: list[int] = []
+        self.masks: dict[int, torch.Tensor] = {}
+
+    def prune_layers(self, num_layers: int, num_visual: int) -> list[int]:
+        self.layers = [int(i) for i in self.inner.prune_layers(num_layers, num_visual)]
+        self.masks = {}
+        return list(self.layers)
+
+    def select(self, ctx: LLMContext) -> torch.Tensor | None:
+        keep = self.inner.select(ctx)
+        if isinstance(keep, LLMSelection):
+            if keep.hidden is not None:
+                raise TypeError(
+                    "the oracle replays keep masks; a selector that rewrites tokens cannot be replayed"
+                )
+            keep = keep.keep
+        if keep is not None:
+            self.masks[ctx.layer] = keep.detach().clone()
+        return keep
+
+
+class ReplayLLMSelector:
+    """Oracle language-model selector: the recorded ``(B, T)`` keep masks at the recorded layers; computes
+    nothing."""
+
+    def __init__(self, layers: Sequence[int], masks: dict[int, torch.Tensor]) -> None:
+        self.layers = list(layers)
+        self.masks = masks
+
+    def prune_layers(self, num_layers: int, num_visual: int) -> list[int]:
+        return list(self.layers)
+
+    def select(self, ctx: LLMContext) -> torch.Tensor | None:
+        keep = self.masks.get(ctx.layer)
+        if keep is not None and keep.shape != ctx.visual.shape:
+            raise RuntimeError(
+                f"oracle replay at decoder layer {ctx.layer}: recorded mask {tuple(keep.shape)} for a sequence "
+                f"of {tuple(ctx.visual.shape)}"
+            )
+        return keep
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -589,6 +752,230 @@ def _measure(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Token counts of one forward
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """The modules of a supported model the benchmark times and counts."""
+
+    family: str  # "llava" | "llava_next" | "qwen2_vl"
+    vision: nn.Module  # timed as the vision stage
+    vision_layers: list[nn.Module]  # CLIP encoder layers / Qwen2-VL ViT blocks
+    llm: nn.Module
+    llm_layers: list[nn.Module]
+    image_token_id: int
+
+
+def model_family(model: nn.Module) -> str:
+    """``"llava"``, ``"llava_next"`` or ``"qwen2_vl"`` for the model classes the benchmark runs; a
+    ``TypeError`` naming them otherwise."""
+    from transformers import (
+        LlavaForConditionalGeneration,
+        LlavaNextForConditionalGeneration,
+        Qwen2VLForConditionalGeneration,
+    )
+
+    for cls, family in (
+        (LlavaForConditionalGeneration, "llava"),
+        (LlavaNextForConditionalGeneration, "llava_next"),
+        (Qwen2VLForConditionalGeneration, "qwen2_vl"),
+    ):
+        if isinstance(model, cls):
+            return family
+    raise TypeError(
+        f"{type(model).__name__}: the benchmark supports LlavaForConditionalGeneration, "
+        f"LlavaNextForConditionalGeneration and Qwen2VLForConditionalGeneration (the models with the lm_head)"
+    )
+
+
+def _model_parts(model: nn.Module) -> _Parts:
+    family = model_family(model)
+    inner = model.model
+    config = model.config
+    if family == "qwen2_vl":
+        vision = inner.visual
+        vision_layers = list(vision.blocks)
+    else:
+        vision = inner.vision_tower
+        vision_layers = tower_spec(vision).layers
+    image_id = getattr(config, "image_token_id", None)
+    if image_id is None:
+        image_id = config.image_token_index
+    llm = inner.language_model
+    return _Parts(family, vision, vision_layers, llm, list(llm.layers), int(image_id))
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    """Real token counts of one prompt of the batch in one forward."""
+
+    vision: list[list[int]]  # per encoder pass (image / crop): sequence entering every encoder layer
+    llm_visual: list[int]  # visual tokens entering every decoder layer
+    text: int  # non-visual tokens (every decoder layer)
+
+
+class _TokenCounter:
+    """Forward hooks (set-up passes only, never while timing) that record the real token counts.
+
+    * every encoder layer's input: CLIP ``(n, T, D)`` = ``n`` sequences of ``T``; a Qwen2-VL block's packed
+      ``(T, D)`` split by its ``cu_seqlens`` (one segment per image), as the pruning hooks hand them over;
+    * the language model's input: real tokens per row (its 2-D ``attention_mask``);
+    * after every decoder layer, how many prune stages ``llm_record()`` holds (``LLMPassRecord``; ``None``
+      for methods that do not prune in the LLM), so that each stage's ``kept_positions`` is tied to the
+      layer at whose output it was cut.
+    """
+
+    def __init__(self, parts: _Parts, llm_record: Callable[[], Any]) -> None:
+        self.parts = parts
+        self.llm_record = llm_record
+        self.calls: list[list[list[int]]] = []  # per tower call, per layer: sequence lengths
+        self.valid: torch.Tensor | None = None  # (B, T) real tokens entering the language model
+        self.stages_after: list[int] = []
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> _TokenCounter:
+        p = self.parts
+        self._handles.append(p.vision.register_forward_pre_hook(lambda m, a: self.calls.append([])))
+        for layer in p.vision_layers:
+            self._handles.append(layer.register_forward_pre_hook(self._on_vision_layer, with_kwargs=True))
+        self._handles.append(p.llm.register_forward_pre_hook(self._on_llm, with_kwargs=True))
+        for layer in p.llm_layers:
+            self._handles.append(layer.register_forward_hook(self._on_llm_layer))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _on_vision_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if self.parts.family == "qwen2_vl":
+            cu = kwargs.get("cu_seqlens")
+            lengths = [int(hidden.shape[0])] if cu is None else (cu[1:] - cu[:-1]).tolist()
+        else:
+            lengths = [int(hidden.shape[1])] * int(hidden.shape[0])
+        self.calls[-1].append(lengths)
+
+    def _on_llm(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.valid is not None:
+            return  # only the prefill
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            embeds = args[0] if args else kwargs["input_ids"]
+        b, t = embeds.shape[:2]
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape == (b, t):
+            self.valid = mask.bool()
+        else:
+            self.valid = torch.ones(b, t, dtype=torch.bool, device=embeds.device)
+
+    def _on_llm_layer(self, module: nn.Module, args: tuple, output: Any) -> None:
+        record = self.llm_record()
+        self.stages_after.append(len(record.kept_positions) if record is not None else 0)
+
+    def prompts(self, text: Sequence[int]) -> list[_Prompt]:
+        """The counts per prompt; ``text[r]``: the non-visual tokens of row ``r``."""
+        batch = len(text)
+        per_row: list[list[list[int]]] = [[] for _ in range(batch)]
+        for call in self.calls:
+            if len({len(layer) for layer in call}) > 1:
+                raise RuntimeError(f"encoder sequences changed in number between layers: {call}")
+            seqs = [list(s) for s in zip(*call, strict=True)]  # per sequence: length entering each layer
+            if len(seqs) % batch:  # cannot happen with one image per row; totals stay right either way
+                per_row[0] += seqs
+                continue
+            n = len(seqs) // batch  # crops / images are passed row by row
+            for r in range(batch):
+                per_row[r] += seqs[r * n : (r + 1) * n]
+        if self.valid is None:
+            raise RuntimeError("the language model did not run in the set-up pass")
+        record = self.llm_record()
+        stages = list(record.kept_positions) if record is not None else []
+        num_layers = len(self.parts.llm_layers)
+        if len(self.stages_after) != num_layers or (
+            self.stages_after and self.stages_after[-1] != len(stages)
+        ):
+            raise RuntimeError(
+                f"counted {self.stages_after} prune stages after the decoder layers but the language-model "
+                f"record holds {len(stages)}"
+            )
+        valid = self.valid
+        totals: list[torch.Tensor] = []  # per layer: (B,) real tokens entering it
+        for layer in range(num_layers):
+            done = self.stages_after[layer - 1] if layer else 0
+            if done == 0:
+                totals.append(valid.sum(dim=1))
+            else:
+                kept = stages[done - 1].to(valid.device)  # (B, T') original positions, -1 for fillers
+                real = (kept >= 0) & torch.gather(valid, 1, kept.clamp(min=0))
+                totals.append(real.sum(dim=1))
+        return [
+            _Prompt(per_row[r], [int(t[r]) - int(text[r]) for t in totals], int(text[r]))
+            for r in range(batch)
+        ]
+
+
+def _count(
+    model: nn.Module,
+    parts: _Parts,
+    inputs: dict[str, torch.Tensor],
+    text: Sequence[int],
+    llm_record: Callable[[], Any],
+    logits_to_keep: bool,
+) -> list[_Prompt]:
+    """One untimed forward of ``model`` (pruning attached by the caller) with the counting hooks on."""
+    with _TokenCounter(parts, llm_record) as counter, torch.inference_mode():
+        model(**inputs, use_cache=False, **({"logits_to_keep": 1} if logits_to_keep else {}))
+    return counter.prompts(text)
+
+
+def _batch_flops(shape: ModelShape, prompts: Sequence[_Prompt], convention: FlopsConvention) -> PrefillFlops:
+    """:func:`prefill_breakdown` of every prompt (its own vision passes and decoder schedule), summed."""
+    parts = [
+        prefill_breakdown(
+            shape, p.vision, p.llm_visual, text_tokens=p.text, num_crops=len(p.vision), convention=convention
+        )
+        for p in prompts
+    ]
+    return PrefillFlops(
+        *(sum(getattr(x, f.name) for x in parts) for f in dataclasses.fields(PrefillFlops))  # type: ignore[arg-type]
+    )
+
+
+def _make_row(
+    name: str,
+    method: str,
+    keep: int | None,
+    prompts: Sequence[_Prompt],
+    shape: ModelShape,
+    tokens_per_layer: Sequence[int],
+    bytes_per_value: int,
+) -> BenchRow:
+    paper = _batch_flops(shape, prompts, PAPER_CONVENTION)
+    ex = _batch_flops(shape, prompts, EXEC_CONVENTION)
+    first = prompts[0]
+    return BenchRow(
+        name=name,
+        method=method,
+        keep=keep,
+        vision_tokens=[list(s) for s in first.vision],
+        llm_visual_tokens=list(first.llm_visual),
+        text_tokens=first.text,
+        tokens_per_layer=list(tokens_per_layer),
+        tflops=paper.tflops,
+        tflops_parts={k: getattr(paper, k) / 1e12 for k in ("vision", "projector", "llm", "lm_head")},
+        tflops_exec=ex.tflops,
+        kv_bytes_analytic=sum(
+            kv_cache_bytes(shape, [v + p.text for v in p.llm_visual], bytes_per_value=bytes_per_value)
+            for p in prompts
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The benchmark
 # ---------------------------------------------------------------------------------------------------------
 
@@ -597,7 +984,7 @@ def _measure(
 class _Variant:
     row: BenchRow
     inputs: dict[str, torch.Tensor]
-    attach: Callable[[], Any]  # -> handle-like with .remove() (and maybe .tokens_per_layer), or None
+    attach: Callable[[], Any]  # -> handle-like with .remove(), or None
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -623,8 +1010,10 @@ def load_model(
 ) -> tuple[nn.Module, str, str | None]:
     """The model to benchmark, its display name, and a note when the LLM was shortened.
 
-    ``model_or_preset``: a preset name (random weights from its config), a local Hugging Face LLaVA
-    directory, or a ready ``LlavaForConditionalGeneration`` (used as is; ``layers`` must be ``None``).
+    ``model_or_preset``: a preset name (random weights from its config), a local Hugging Face LLaVA,
+    LLaVA-NeXT or Qwen2-VL directory (the class is picked from its ``config.json``), or a ready
+    ``LlavaForConditionalGeneration`` / ``LlavaNextForConditionalGeneration`` /
+    ``Qwen2VLForConditionalGeneration`` (used as is; ``layers`` must be ``None``).
     """
     if isinstance(model_or_preset, nn.Module):
         if layers is not None:
@@ -643,9 +1032,10 @@ def load_model(
             raise ValueError(
                 f"{name!r} is neither a preset ({', '.join(PRESETS)}) nor a local model directory"
             )
-        from transformers import LlavaForConditionalGeneration
+        from transformers import AutoConfig
 
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        cls = model_class_for(AutoConfig.from_pretrained(path))
+        model = cls.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
         model = model.to(device).eval()
         full = int(model.config.text_config.num_hidden_layers)
         if layers is not None:
@@ -664,10 +1054,20 @@ def load_model(
     return model, label, note
 
 
-def _vision_in(tokens_per_layer: Sequence[int], num_patches: int, has_cls: bool) -> list[int]:
-    """Sequence length entering every encoder layer, from the patch counts after every layer."""
-    g = int(has_cls)
-    return [num_patches + g] + [t + g for t in list(tokens_per_layer)[:-1]]
+def bench_image_size(config: Any, image_size: Sequence[int] | None = None) -> tuple[int, int]:
+    """``(height, width)`` of the benchmark's image: ``image_size`` if given; LLaVA-NeXT: the paper's
+    640x427 POPE image (:data:`~flowcut.bench.flops.PAPER_NEXT_IMAGE_SIZE`) scaled by the crop size / 336
+    (so a toy tower gets the same 2x2-grid-plus-unpadding geometry); otherwise the tower's square size
+    (LLaVA-1.5: fixed; Qwen2-VL: 448x448, 256 merged tokens)."""
+    if image_size is not None:
+        h, w = (int(x) for x in image_size)
+        if h < 1 or w < 1:
+            raise ValueError(f"image_size must be two positive ints (height, width), got {image_size!r}")
+        return h, w
+    if config.model_type == "llava_next":
+        scale = int(config.vision_config.image_size) / 336
+        return round(PAPER_NEXT_IMAGE_SIZE[0] * scale), round(PAPER_NEXT_IMAGE_SIZE[1] * scale)
+    return default_image_size(config)
 
 
 def run_benchmark(
@@ -676,6 +1076,7 @@ def run_benchmark(
     keeps: Sequence[int] = (128, 64),
     *,
     layers: int | None = None,
+    image_size: Sequence[int] | None = None,
     text_tokens: int = 65,
     repeats: int = 5,
     warmup: int = 2,
@@ -690,11 +1091,18 @@ def run_benchmark(
     """Benchmark pruning methods against the unpruned model and the oracle (see the module docstring).
 
     Args:
-        model_or_preset: a preset name (``"llava-1.5-7b"``, ``"tiny"``...; random weights), a local LLaVA
-            directory, or a ``LlavaForConditionalGeneration`` instance. Only LLaVA(-1.5) is supported.
-        methods: pruning methods (``flowcut.available_methods()``).
-        keeps: visual tokens per image to keep.
+        model_or_preset: a preset name (``"llava-1.5-7b"``, ``"llava-next-7b"``, ``"qwen2-vl-7b"``, ``"tiny"``,
+            ``"tiny-llava-next"``, ``"tiny-qwen2-vl"``; random weights), a local LLaVA / LLaVA-NeXT /
+            Qwen2-VL directory, or a ``Llava[Next]ForConditionalGeneration`` /
+            ``Qwen2VLForConditionalGeneration`` instance.
+        methods: pruning methods (``flowcut.available_methods()``); those the model does not support are
+            skipped with a note in ``meta["skipped"]`` (Qwen2-VL: ``flowcut``, ``fastv``, ``pdrop``,
+            ``sparsevlm``), as are budgets a staged method cannot reach.
+        keeps: visual tokens per image to keep (LLaVA-NeXT: patch tokens per image, newlines not counted;
+            Qwen2-VL: merged tokens).
         layers: shorten the language model to this many decoder layers (presets / directories only).
+        image_size: ``(height, width)`` of the image (LLaVA-NeXT: crop grid and unpadding; Qwen2-VL: patch
+            grid); default :func:`bench_image_size` (NeXT: the paper's 640x427, Qwen2-VL: 448x448).
         text_tokens: text tokens of the prompt besides the image placeholders (65: a POPE prompt).
         repeats: timed rounds; warmup: untimed rounds before them.
         decode_tokens: greedy decode steps after every prefill (0: skip decode timing).
@@ -703,95 +1111,111 @@ def run_benchmark(
         device: ``"cpu"`` or ``"cuda"``.
         oracle: add one oracle row per keep (needs ``"flowcut"`` in ``methods``).
         seed: seeds the weights, the inputs and the order of variants in each round.
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (and print skipped variants to stderr as they are found).
 
     Returns:
         A :class:`BenchResult` (already finalised: ratios and targets filled in).
+
+    Raises:
+        ValueError: unknown methods, bad counts, or no variant left to compare with the unpruned model.
+        TypeError: a model class the benchmark does not run.
     """
     unknown = sorted(set(methods) - set(available_methods()))
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; available: {available_methods()}")
     if repeats < 1 or warmup < 0 or decode_tokens < 0 or batch_size < 1:
         raise ValueError("repeats >= 1, warmup >= 0, decode_tokens >= 0 and batch_size >= 1 are required")
+    bad = [k for k in keeps if isinstance(k, bool) or not isinstance(k, int) or k < 1]
+    if bad:
+        raise ValueError(f"keeps must be ints >= 1 (visual tokens per image), got {bad}")
+    methods, keeps = list(dict.fromkeys(methods)), list(dict.fromkeys(keeps))  # one row per variant
     dev = torch.device(device)
     torch_dtype = _resolve_dtype(dtype, dev)
     model, label, note = load_model(model_or_preset, layers, torch_dtype, dev, seed=seed)
-    parts = llava_parts(model)
-    if parts is None:
-        raise TypeError(
-            f"{type(model).__name__}: the benchmark supports LLaVA (LlavaForConditionalGeneration) only, "
-            f"as flowcut.prune does today"
-        )
-    outer, inner = parts
-    if outer is not model or not hasattr(model, "lm_head"):
-        raise TypeError("pass a LlavaForConditionalGeneration (the model with the lm_head)")
+    parts = _model_parts(model)
+    family = parts.family
     config = model.config
-    vision, llm = inner.vision_tower, inner.language_model
     shape = model_shape(config)
+    if family == "llava" and image_size is not None:
+        raise ValueError(
+            "image_size applies to LLaVA-NeXT (crop grid) and Qwen2-VL (patch grid); LLaVA-1.5 resizes every "
+            "image to its tower's square size"
+        )
+    size = bench_image_size(config, image_size)
     param = next(model.parameters())
     inputs = example_inputs(
-        config, text_tokens=text_tokens, batch_size=batch_size, seed=seed, dtype=param.dtype
+        config, text_tokens=text_tokens, image_size=size, batch_size=batch_size, seed=seed, dtype=param.dtype
     )
     inputs = {k: v.to(dev) for k, v in inputs.items()}
-    image_id = int(config.image_token_index)
-    per_image = int((inputs["input_ids"][0] == image_id).sum())
-    n_text = int(inputs["input_ids"].shape[1]) - per_image
-    num_patches = int(shape.vision.patches_per_image or 0)
-    has_cls = shape.vision.has_cls
-    num_layers = shape.vision.num_layers
+    is_image = inputs["input_ids"] == parts.image_token_id
+    per_image = int(is_image[0].sum())
+    text = ((~is_image) & inputs["attention_mask"].bool()).sum(dim=1).tolist()
     pad = getattr(config.text_config, "pad_token_id", None)
     pad = 0 if pad is None else int(pad)
     import inspect
 
     logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
-    def make_row(name: str, method: str, keep: int | None, tpl: list[int], llm_visual: int) -> BenchRow:
-        vin = _vision_in(tpl, num_patches, has_cls)
-        paper = prefill_breakdown(shape, vin, llm_visual, text_tokens=n_text, convention=PAPER_CONVENTION)
-        ex = prefill_breakdown(shape, vin, llm_visual, text_tokens=n_text, convention=EXEC_CONVENTION)
-        return BenchRow(
-            name=name,
-            method=method,
-            keep=keep,
-            llm_visual_tokens=llm_visual,
-            text_tokens=n_text,
-            vision_tokens=vin,
-            tokens_per_layer=list(tpl),
-            tflops=batch_size * paper.tflops,
-            tflops_parts={
-                k: batch_size * getattr(paper, k) / 1e12 for k in ("vision", "projector", "llm", "lm_head")
-            },
-            tflops_exec=batch_size * ex.tflops,
-            kv_bytes_analytic=kv_cache_bytes(
-                shape, llm_visual + n_text, bytes_per_value=param.element_size(), batch_size=batch_size
-            ),
-        )
+    def row_of(
+        name: str, method: str, keep: int | None, prompts: list[_Prompt], tpl: Sequence[int]
+    ) -> BenchRow:
+        return _make_row(name, method, keep, prompts, shape, tpl, param.element_size())
 
-    variants: list[_Variant] = [
-        _Variant(
-            make_row("unpruned", "none", None, [num_patches] * num_layers, per_image), inputs, lambda: None
-        )
-    ]
-    memory = _PeakMemory(dev)
+    def note_skip(msg: str) -> None:
+        skipped.append(msg)
+        if progress:
+            print(f"flowcut bench: skipped {msg}", file=sys.stderr)
+
+    base = _count(model, parts, inputs, text, lambda: None, logits_to_keep)
+    variants: list[_Variant] = [_Variant(row_of("unpruned", "none", None, base, []), inputs, lambda: None)]
+    skipped: list[str] = []
+    refused: set[str] = set()
+    oracle_skipped: str | None = None
+    if not oracle:
+        oracle_skipped = "disabled (oracle=False / --no-oracle)"
+    elif "flowcut" not in methods:
+        oracle_skipped = "it replays FlowCut's choices; add flowcut to the methods"
 
     for keep in keeps:
         # One untimed pass per method to learn its real per-layer token counts for the FLOPs model.
         for method in methods:
-            with prune(model, method, keep=keep) as handle, torch.inference_mode():
-                model(**inputs, use_cache=False, **({"logits_to_keep": 1} if logits_to_keep else {}))
-            tpl = handle.tokens_per_layer
-            llm_visual = min(keep, per_image)
-            row = make_row(f"{method}@{keep}", method, keep, tpl, llm_visual)
+            if method in refused:
+                continue
+            if family == "qwen2_vl" and method not in QWEN_METHODS:
+                refused.add(method)
+                note_skip(
+                    f"{method}: not supported on {type(model).__name__}, which supports "
+                    f"{', '.join(QWEN_METHODS)} ({method} would prune single vision tokens; the 2x2 patch "
+                    f"merger needs whole merge units)"
+                )
+                continue
+            try:
+                handle = prune(model, method, keep=keep)
+            except ValueError as e:  # e.g. a keep the model cannot honour
+                note_skip(f"{method}@{keep}: {e}")
+                continue
+            try:
+                prompts = _count(model, parts, inputs, text, lambda h=handle: h.llm_record, logits_to_keep)
+            except ValueError as e:  # e.g. a budget a staged method cannot reach
+                note_skip(f"{method}@{keep}: {e}")
+                continue
+            finally:
+                handle.remove()
+            row = row_of(f"{method}@{keep}", method, keep, prompts, handle.tokens_per_layer)
             variants.append(
                 _Variant(row, inputs, lambda method=method, keep=keep: prune(model, method, keep=keep))
             )
-        if oracle and "flowcut" in methods:
-            variants.append(
-                _oracle_variant(model, inputs, keep, per_image, image_id, pad, make_row, logits_to_keep)
-            )
+        if oracle_skipped is None and any(v.row.name == f"flowcut@{keep}" for v in variants):
+            variants.append(_ORACLES[family](model, parts, inputs, keep, text, row_of, logits_to_keep, pad))
+    if len(variants) == 1:
+        raise ValueError(
+            f"nothing to benchmark on {type(model).__name__} besides the unpruned model: "
+            + "; ".join(skipped)
+        )
 
     rounds = warmup + repeats
     rng = random.Random(seed)
+    memory = _PeakMemory(dev)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -809,7 +1233,7 @@ def run_benchmark(
                 handle = var.attach()
                 try:
                     sample = _measure(
-                        model, vision, llm, var.inputs, decode_tokens, dev, memory, logits_to_keep
+                        model, parts.vision, parts.llm, var.inputs, decode_tokens, dev, memory, logits_to_keep
                     )
                 finally:
                     if handle is not None:
@@ -853,12 +1277,19 @@ def run_benchmark(
             if memory_available
             else "n/a: no /proc/self/statm on this OS (tracemalloc does not see torch's allocations)"
         )
+    reference = prefill_breakdown(
+        shape, None, None, text_tokens=text[0], image_size=None if family == "llava" else size
+    )
     meta: dict[str, Any] = {
         "model": label,
+        "family": family,
+        "model_class": type(model).__name__,
         "llm_layers": int(shape.lm.num_layers),
         "llm_layers_note": note,
         "methods": list(methods),
         "keeps": list(keeps),
+        "skipped": skipped,
+        "image_size": list(size),
         "device": str(dev),
         "device_name": device_name,
         "dtype": str(torch_dtype).removeprefix("torch."),
@@ -866,7 +1297,7 @@ def run_benchmark(
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "batch_size": batch_size,
-        "text_tokens": n_text,
+        "text_tokens": text[0],
         "visual_tokens": per_image,
         "repeats": repeats,
         "warmup": warmup,
@@ -875,67 +1306,227 @@ def run_benchmark(
         "attn_implementation": getattr(config, "_attn_implementation", None),
         "memory_note": memory_note,
         "seed": seed,
-        "oracle": "vision tower with FlowCut's recorded per-layer gathers replayed (no scoring) + LLM on K "
-        "placeholders per image",
+        # flops.prefill_breakdown of the unpruned model (paper convention, whole batch): the unpruned row
+        # counted from the run's own token counts must equal it
+        "unpruned_reference_tflops": batch_size * reference.tflops,
+        "oracle": (f"none, {oracle_skipped}" if oracle_skipped is not None else ORACLE_DESCRIPTIONS[family]),
+        "oracle_skipped": oracle_skipped,
     }
     result = BenchResult(meta=meta, rows=[v.row for v in variants])
     result.finalise()
     return result
 
 
-def _oracle_variant(
+# ---------------------------------------------------------------------------------------------------------
+# Oracle variants, one per family
+# ---------------------------------------------------------------------------------------------------------
+
+ORACLE_DESCRIPTIONS: dict[str, str] = {
+    "llava": "vision tower with FlowCut's recorded per-layer gathers replayed (no scoring) + LLM on a prompt "
+    "that already has K placeholders per image",
+    "llava_next": "every crop through the tower with FlowCut's recorded per-layer gathers replayed, the prompt "
+    "already cut to the packed layout, FlowCut's decoder-layer-1 keep mask replayed (no scoring)",
+    "qwen2_vl": "ViT with FlowCut's recorded merge-unit gathers replayed, FlowCut's decoder-layer-1 keep mask "
+    "replayed (no scoring); the prompt surgery (M-RoPE ids, compaction) runs as with FlowCut, because the Qwen "
+    "attachment takes only the processor's full prompt",
+}
+
+_RowMaker = Callable[[str, str, "int | None", "list[_Prompt]", Sequence[int]], BenchRow]
+
+
+def _forward(model: nn.Module, inputs: dict[str, torch.Tensor], logits_to_keep: bool) -> None:
+    with torch.inference_mode():
+        model(**inputs, use_cache=False, **({"logits_to_keep": 1} if logits_to_keep else {}))
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and bool(torch.equal(a.cpu(), b.cpu()))
+
+
+def _check_replay(what: str, recorded: Any, replayed: Any, llm_rec: Any = None, llm_rep: Any = None) -> None:
+    """The replay must keep exactly FlowCut's tokens, in the tower and in the language model."""
+    if not _same(recorded.kept_indices, replayed.kept_indices):
+        raise RuntimeError(f"{what} oracle replay did not reproduce FlowCut's kept indices")
+    if list(recorded.tokens_per_layer) != list(replayed.tokens_per_layer):
+        raise RuntimeError(f"{what} oracle replay did not reproduce FlowCut's per-layer token counts")
+    a = [] if llm_rec is None else llm_rec.kept_positions
+    b = [] if llm_rep is None else llm_rep.kept_positions
+    if len(a) != len(b) or not all(_same(x, y) for x, y in zip(a, b, strict=True)):
+        raise RuntimeError(f"{what} oracle replay did not reproduce FlowCut's language-model stage")
+
+
+def _oracle_llava(
     model: nn.Module,
+    parts: _Parts,
     inputs: dict[str, torch.Tensor],
     keep: int,
-    per_image: int,
-    image_id: int,
-    pad: int,
-    make_row: Callable[..., BenchRow],
+    text: Sequence[int],
+    row_of: _RowMaker,
     logits_to_keep: bool,
+    pad: int,
 ) -> _Variant:
-    """Record FlowCut's per-layer gathers on ``inputs`` once and build the oracle variant replaying them."""
+    """LLaVA-1.5: record FlowCut's gathers once; replay them in the tower on a prompt of ``K`` placeholders."""
+    spec, cfg = METHODS["flowcut"], FlowCutConfig(keep=keep)
     recorder: dict[str, _RecordingSelector] = {}
 
     def make_recording(k: int) -> _RecordingSelector:
-        recorder["sel"] = _RecordingSelector(FlowCutSelector(FlowCutConfig(keep=keep), keep=k))
+        recorder["sel"] = _RecordingSelector(spec.make_selector(cfg, k))
         return recorder["sel"]
 
     att = LlavaAttachment(model, make_recording, keep)
     try:
-        with torch.inference_mode():
-            model(**inputs, use_cache=False, **({"logits_to_keep": 1} if logits_to_keep else {}))
+        _forward(model, inputs, logits_to_keep)
         record = att.record
+        per_image, kept = att.placeholders(inputs["pixel_values"])
     finally:
         att.remove()
     steps = recorder["sel"].steps
-    keep_patches = att.keep_patches
-    kept = min(keep, per_image)
-    drop = placeholder_drop_mask(inputs["input_ids"], image_id, per_image, kept)
+    drop = placeholder_drop_mask(inputs["input_ids"], parts.image_token_id, per_image, kept)
     compact, _ = compact_prompt(dict(inputs), drop, pad)
-    assert int((compact["input_ids"] == image_id).sum()) == kept * inputs["input_ids"].shape[0]
 
-    class _OracleHandle:
-        def __init__(self) -> None:
-            self.att = LlavaAttachment(model, lambda k: ReplaySelector(steps, k), keep)
+    def attach() -> LlavaAttachment:
+        return LlavaAttachment(model, lambda k: ReplaySelector(steps, k), keep)
 
-        def remove(self) -> None:
-            self.att.remove()
-
-    # Sanity: the replay keeps exactly FlowCut's tokens.
-    check = _OracleHandle()
+    check = attach()
     try:
-        with torch.inference_mode():
-            model(**compact, use_cache=False, **({"logits_to_keep": 1} if logits_to_keep else {}))
-        replay = check.att.record
+        prompts = _count(model, parts, compact, text, lambda: None, logits_to_keep)
+        _check_replay("LLaVA", record, check.record)
     finally:
         check.remove()
-    if record.kept_indices is not None and not torch.equal(replay.kept_indices, record.kept_indices):
-        raise RuntimeError("oracle replay did not reproduce FlowCut's kept indices")
-    if replay.tokens_per_layer != record.tokens_per_layer:
-        raise RuntimeError("oracle replay did not reproduce FlowCut's per-layer token counts")
-    assert keep_patches >= 1
-    row = make_row(f"oracle@{keep}", "oracle", keep, list(record.tokens_per_layer), kept)
-    return _Variant(row, compact, _OracleHandle)
+    row = row_of(f"oracle@{keep}", "oracle", keep, prompts, record.tokens_per_layer)
+    return _Variant(row, compact, attach)
+
+
+def _oracle_llava_next(
+    model: nn.Module,
+    parts: _Parts,
+    inputs: dict[str, torch.Tensor],
+    keep: int,
+    text: Sequence[int],
+    row_of: _RowMaker,
+    logits_to_keep: bool,
+    pad: int,
+) -> _Variant:
+    """LLaVA-NeXT: FlowCut's two stages recorded (per-crop tower gathers, the decoder-layer-1 keep mask) and
+    replayed on a prompt already cut to the packed layout."""
+    spec, cfg = METHODS["flowcut"], FlowCutConfig(keep=keep)
+    encoders: dict[int, _RecordingSelector] = {}
+    stages: list[_RecordingLLMSelector] = []
+
+    def make_recording(budget: int) -> _RecordingSelector:
+        encoders[budget] = _RecordingSelector(spec.make_selector(cfg, budget))
+        return encoders[budget]
+
+    def make_stage(lm: nn.Module) -> DecoderPruner:
+        stages.append(_RecordingLLMSelector(spec.make_second_stage(cfg, keep)))
+        return DecoderPruner(lm, stages[-1])
+
+    att = LlavaNextAttachment(model, make_recording, keep, two_stage=True, make_llm_stage=make_stage)
+    try:
+        _forward(model, inputs, logits_to_keep)
+        record, llm_record = att.record, att.llm_record
+        layouts = list(att.pass_record.images)
+    finally:
+        att.remove()
+    steps = {b: r.steps for b, r in encoders.items()}
+    llm_layers, llm_masks = stages[-1].layers, stages[-1].masks
+    drop = block_drop_mask(
+        inputs["input_ids"],
+        parts.image_token_id,
+        [im.unpruned_length for im in layouts],
+        [im.length for im in layouts],
+    )
+    compact, _ = compact_prompt(dict(inputs), drop, pad)  # pixel_values / image_sizes stay
+
+    def attach() -> LlavaNextAttachment:
+        return LlavaNextAttachment(
+            model,
+            lambda b: ReplaySelector(steps.get(b, {}), b),
+            keep,
+            two_stage=True,
+            make_llm_stage=lambda lm: DecoderPruner(lm, ReplayLLMSelector(llm_layers, llm_masks)),
+        )
+
+    check = attach()
+    try:
+        prompts = _count(model, parts, compact, text, lambda: check.llm_record, logits_to_keep)
+        _check_replay("LLaVA-NeXT", record, check.record, llm_record, check.llm_record)
+    finally:
+        check.remove()
+    row = row_of(f"oracle@{keep}", "oracle", keep, prompts, record.tokens_per_layer)
+    return _Variant(row, compact, attach)
+
+
+class _ReplayFactory:
+    """Encoder selectors for :class:`QwenAttachment`: the ``i``-th one of a forward replays the ``i``-th
+    recorded scoring group (the attachment makes them in group order, one per group it prunes)."""
+
+    def __init__(self, steps: list[dict[int, torch.Tensor]]) -> None:
+        self.steps = steps
+        self.calls = 0
+
+    def __call__(self, budget: int) -> ReplaySelector:
+        steps = self.steps[self.calls % len(self.steps)] if self.steps else {}
+        self.calls += 1
+        return ReplaySelector(steps, budget)
+
+
+def _oracle_qwen(
+    model: nn.Module,
+    parts: _Parts,
+    inputs: dict[str, torch.Tensor],
+    keep: int,
+    text: Sequence[int],
+    row_of: _RowMaker,
+    logits_to_keep: bool,
+    pad: int,
+) -> _Variant:
+    """Qwen2-VL: FlowCut's merge-unit gathers (per scoring group) and decoder-layer-1 keep mask, replayed."""
+    spec, cfg = METHODS["flowcut"], FlowCutConfig(keep=keep)
+    encoders: list[_RecordingSelector] = []
+    stages: dict[int, _RecordingLLMSelector] = {}
+
+    def make_recording(budget: int) -> _RecordingSelector:
+        encoders.append(_RecordingSelector(spec.make_selector(cfg, budget)))
+        return encoders[-1]
+
+    def make_stage(target: int) -> _RecordingLLMSelector:
+        stages[target] = _RecordingLLMSelector(spec.make_second_stage(cfg, target))
+        return stages[target]
+
+    att = QwenAttachment(model, keep, make_recording, make_stage)
+    encoders.clear()  # the constructor's probe
+    try:
+        _forward(model, inputs, logits_to_keep)
+        record, llm_record = att.record, att.llm_record
+    finally:
+        att.remove()
+    steps = [r.steps for r in encoders]
+    recorded = {t: (r.layers, r.masks) for t, r in stages.items()}
+
+    def attach() -> QwenAttachment:
+        factory = _ReplayFactory(steps)
+        out = QwenAttachment(model, keep, factory, lambda t: ReplayLLMSelector(*recorded[t]))
+        factory.calls = 0  # forget the constructor's probe
+        return out
+
+    check = attach()
+    try:
+        prompts = _count(model, parts, inputs, text, lambda: check.llm_record, logits_to_keep)
+        _check_replay("Qwen2-VL", record, check.record, llm_record, check.llm_record)
+    finally:
+        check.remove()
+    row = row_of(f"oracle@{keep}", "oracle", keep, prompts, record.tokens_per_layer)
+    return _Variant(row, inputs, attach)
+
+
+_ORACLES: dict[str, Callable[..., _Variant]] = {
+    "llava": _oracle_llava,
+    "llava_next": _oracle_llava_next,
+    "qwen2_vl": _oracle_qwen,
+}
 
 
 def print_summary(result: BenchResult, paths: dict[str, Path] | None = None) -> None:
@@ -948,12 +1539,16 @@ def print_summary(result: BenchResult, paths: dict[str, Path] | None = None) -> 
 
 __all__ = [
     "EXEC_CONVENTION",
+    "ORACLE_DESCRIPTIONS",
     "BenchResult",
     "BenchRow",
+    "ReplayLLMSelector",
     "ReplaySelector",
     "TargetCheck",
+    "bench_image_size",
     "cache_bytes",
     "load_model",
+    "model_family",
     "print_summary",
     "run_benchmark",
 ]
