@@ -1357,6 +1357,42 @@ def _check_replay(what: str, recorded: Any, replayed: Any, llm_rec: Any = None, 
         raise RuntimeError(f"{what} oracle replay did not reproduce FlowCut's language-model stage")
 
 
+def _verified_oracle(
+    what: str,
+    model: nn.Module,
+    parts: _Parts,
+    prompt: dict[str, torch.Tensor],
+    text: Sequence[int],
+    attach: Callable[[], Any],
+    record: Any,
+    llm_record: Any,
+    row_of: _RowMaker,
+    keep: int,
+    logits_to_keep: bool,
+    two_stage: bool = True,
+) -> _Variant:
+    """Run the replay ``attach`` once on ``prompt`` with the counting hooks, check that it keeps exactly the
+    recorded tokens (``two_stage``: the language-model stage too), and build the oracle variant."""
+    check = attach()
+    try:
+        prompts = _count(
+            model,
+            parts,
+            prompt,
+            text,
+            (lambda: check.llm_record) if two_stage else (lambda: None),
+            logits_to_keep,
+        )
+        if two_stage:
+            _check_replay(what, record, check.record, llm_record, check.llm_record)
+        else:
+            _check_replay(what, record, check.record)
+    finally:
+        check.remove()
+    row = row_of(f"oracle@{keep}", "oracle", keep, prompts, record.tokens_per_layer)
+    return _Variant(row, prompt, attach)
+
+
 def _oracle_llava(
     model: nn.Module,
     parts: _Parts,
@@ -1389,14 +1425,20 @@ def _oracle_llava(
     def attach() -> LlavaAttachment:
         return LlavaAttachment(model, lambda k: ReplaySelector(steps, k), keep)
 
-    check = attach()
-    try:
-        prompts = _count(model, parts, compact, text, lambda: None, logits_to_keep)
-        _check_replay("LLaVA", record, check.record)
-    finally:
-        check.remove()
-    row = row_of(f"oracle@{keep}", "oracle", keep, prompts, record.tokens_per_layer)
-    return _Variant(row, compact, attach)
+    return _verified_oracle(
+        "LLaVA",
+        model,
+        parts,
+        compact,
+        text,
+        attach,
+        record,
+        None,
+        row_of,
+        keep,
+        logits_to_keep,
+        two_stage=False,
+    )
 
 
 def _oracle_llava_next(
@@ -1449,14 +1491,9 @@ def _oracle_llava_next(
             make_llm_stage=lambda lm: DecoderPruner(lm, ReplayLLMSelector(llm_layers, llm_masks)),
         )
 
-    check = attach()
-    try:
-        prompts = _count(model, parts, compact, text, lambda: check.llm_record, logits_to_keep)
-        _check_replay("LLaVA-NeXT", record, check.record, llm_record, check.llm_record)
-    finally:
-        check.remove()
-    row = row_of(f"oracle@{keep}", "oracle", keep, prompts, record.tokens_per_layer)
-    return _Variant(row, compact, attach)
+    return _verified_oracle(
+        "LLaVA-NeXT", model, parts, compact, text, attach, record, llm_record, row_of, keep, logits_to_keep
+    )
 
 
 class _ReplayFactory:
@@ -1512,14 +1549,9 @@ def _oracle_qwen(
         factory.calls = 0  # forget the constructor's probe
         return out
 
-    check = attach()
-    try:
-        prompts = _count(model, parts, inputs, text, lambda: check.llm_record, logits_to_keep)
-        _check_replay("Qwen2-VL", record, check.record, llm_record, check.llm_record)
-    finally:
-        check.remove()
-    row = row_of(f"oracle@{keep}", "oracle", keep, prompts, record.tokens_per_layer)
-    return _Variant(row, inputs, attach)
+    return _verified_oracle(
+        "Qwen2-VL", model, parts, inputs, text, attach, record, llm_record, row_of, keep, logits_to_keep
+    )
 
 
 _ORACLES: dict[str, Callable[..., _Variant]] = {
