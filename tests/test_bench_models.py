@@ -76,6 +76,11 @@ def test_every_family_runs(nxt: BenchResult, qwen: BenchResult) -> None:
             assert len(r.prefill_s) == len(r.vision_s) == len(r.decode_s) == 1
             assert r.prefill_s[0] > 0 and r.vision_s[0] > 0 and r.llm_s[0] > 0
             assert len(r.llm_visual_tokens) == LLM_LAYERS
+            if r.method in ("none", "oracle"):
+                assert r.select_s == []
+            else:  # FlowCut: both stages (tower, decoder layer 1) report to the clock
+                assert len(r.select_s) == 1 and 0 < r.select_s[0] < r.prefill_s[0]
+                assert r.select_calls >= (2 if r.method == "flowcut" else 1)
 
 
 def test_unpruned_ratios_are_one(any_result: BenchResult) -> None:
@@ -183,7 +188,8 @@ def test_oracle_rows(any_result: BenchResult) -> None:
             assert r.tflops == fc.tflops and r.tflops_exec == fc.tflops_exec
             assert r.kv_bytes == fc.kv_bytes
     names = {t.name for t in any_result.targets}
-    assert "selection overhead (flowcut / oracle prefill - 1)" in names
+    assert "selection overhead, A/B (flowcut / oracle prefill - 1)" in names
+    assert "selection overhead, measured inside FlowCut's selectors (selection / prefill time)" in names
     assert all(t.verdict in ("PASS", "MISS") for t in any_result.targets)
 
 
@@ -222,7 +228,9 @@ def test_cli_qwen_writes_files(tmp_path, capsys) -> None:
     assert "flowcut@4" in out and "grid: not supported" in out
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["meta"]["family"] == "qwen2_vl" and data["meta"]["image_size"] == [112, 112]
-    overhead = next(t for t in data["targets"] if t["name"].startswith("selection overhead"))
+    overhead = next(t for t in data["targets"] if t["name"].startswith("selection overhead, A/B"))
     assert overhead["verdict"] == "n/a" and overhead["value"] is None and "no oracle" in overhead["detail"]
+    direct = next(t for t in data["targets"] if t["name"].startswith("selection overhead, measured"))
+    assert direct["verdict"] in ("PASS", "MISS") and direct["value"] > 0  # needs no oracle
     assert "n/a (no oracle" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

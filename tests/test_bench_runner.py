@@ -25,8 +25,10 @@ from flowcut.bench.runner import (
     BenchResult,
     ReplayLLMSelector,
     ReplaySelector,
+    SelectionClock,
     cache_bytes,
     run_benchmark,
+    timed_spec,
 )
 
 KEEPS = (32, 16)  # the tiny tower has 64 patches
@@ -163,7 +165,12 @@ def test_kv_bytes_from_cache_equal_per_layer_analytic(result: BenchResult) -> No
 
 def test_targets_listed(result: BenchResult) -> None:
     assert {t.keep for t in result.targets} == set(KEEPS)
-    assert len(result.targets) == 3 * len(KEEPS)
+    # per keep: selection share measured in the selectors, the A/B against the oracle, tower ratio, fraction
+    assert len(result.targets) == 4 * len(KEEPS)
+    for k in KEEPS:
+        direct = next(t for t in result.targets if t.keep == k and "inside" in t.name)
+        fc = result.row(f"flowcut@{k}")
+        assert direct.value == pytest.approx(fc.select_s[0] / fc.prefill_s[0])
     for t in result.targets:
         assert t.verdict in ("PASS", "MISS")
         assert math.isfinite(t.value)
@@ -245,3 +252,44 @@ def test_rejects_unknown_method() -> None:
         run_benchmark("tiny", methods=("nope",), keeps=(16,), repeats=1, warmup=0, progress=False)
     with pytest.raises(ValueError, match="keeps must be ints"):
         run_benchmark("tiny", methods=("grid",), keeps=(0,), repeats=1, warmup=0, progress=False)
+
+
+def test_selection_time_is_measured_in_the_selectors(result: BenchResult) -> None:
+    """Every method row times its selector calls; the unpruned and oracle rows (nothing to choose) do not."""
+    from flowcut.bench.presets import preset_config
+
+    vision = preset_config("tiny").vision_config
+    consumed = vision.num_hidden_layers - 2  # vision_feature_layer -2: FlowCut scores every layer before it
+    for r in result.rows:
+        if r.method in ("none", "oracle"):
+            assert r.select_s == [] and r.select_calls == 0 and math.isnan(r.select_share)
+            continue
+        assert len(r.select_s) == 1 and 0 < r.select_s[0] < r.prefill_s[0]
+        assert r.select_share == pytest.approx(r.select_s[0] / r.prefill_s[0])
+        expected = {"fastv": 1, "flowcut": consumed, "random": consumed, "grid": consumed}[r.method]
+        assert r.select_calls == expected, r.name  # FastV: one ranking at its layer K - 1
+    md = result.to_markdown()
+    assert "selection ms (% of prefill)" in md and "wall clock around each call" in md
+
+
+def test_timed_spec_is_transparent() -> None:
+    """The timing wrapper returns what the selector returns, forwards its other attributes, and counts calls."""
+    from flowcut.api import METHODS
+
+    clock = SelectionClock(torch.device("cpu"))
+    spec = timed_spec(METHODS["flowcut"], clock)
+    assert spec.make_llm_selector is None and spec.name == "flowcut"
+    cfg = METHODS["flowcut"].config_cls(keep=4)
+    timed, plain = spec.make_selector(cfg, 4), METHODS["flowcut"].make_selector(cfg, 4)
+    assert timed.keep == plain.keep == 4 and timed.needs_scores(9) and not timed.needs_scores(4)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 9, 8) for _ in range(3))
+    for sel in (timed, plain):
+        sel.start(2)
+    got = [timed.step(i, q, k, v, 0.35, True) for i in range(2)]
+    want = [plain.step(i, q, k, v, 0.35, True) for i in range(2)]
+    assert got[-1] is not None and torch.equal(got[-1], want[-1])
+    assert (got[0] is None) == (want[0] is None)
+    assert clock.calls == 2 and clock.seconds() > 0
+    clock.reset()
+    assert clock.calls == 0 and clock.seconds() == 0.0
