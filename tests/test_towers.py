@@ -11,7 +11,7 @@ import transformers
 from reference_release import release_forward
 
 import flowcut
-from flowcut.methods.flowcut import entropy_ratio, prune_count
+from flowcut.methods.flowcut import _flat_batch, entropy_ratio, layer_scores, prune_count
 
 
 def _snapshot_hooks(model: torch.nn.Module) -> list:
@@ -243,6 +243,26 @@ def test_entropy_ratio_bounds() -> None:
     # uniform attention: nothing is redundant yet, nothing is dropped; one-hot: (N - K)/sqrt(r)
     assert prune_count(uniform, remaining=4, keep=10) == 0
     assert prune_count(peaked, remaining=4, keep=10) == 20
+
+
+def test_scores_of_head_views_equal_contiguous_scores() -> None:
+    """Adapters pass (B, T, H, d) projections viewed as (B, H, T, d): batches of such views are copied once
+    for speed, single images are not, and the scores do not depend on the layout."""
+    torch.manual_seed(0)
+    b, t, h, d = 3, 17, 4, 8
+    q, k, v = (torch.randn(b, t, h, d, dtype=torch.float64).transpose(1, 2) for _ in range(3))
+    assert _flat_batch(k).is_contiguous() and not k.is_contiguous()
+    single = k[:1]
+    assert _flat_batch(single) is single  # B = 1: (B, H) flattens as is, no copy
+    contiguous = k.contiguous()
+    assert _flat_batch(contiguous) is contiguous
+    for has_cls in (True, False):
+        got = layer_scores(q, k, v, 0.3, has_cls)
+        want = layer_scores(q.contiguous(), k.contiguous(), v.contiguous(), 0.3, has_cls)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-15)
+        one = layer_scores(q[1:2], k[1:2], v[1:2], 0.3, has_cls)  # a batch row scores as the image alone
+        torch.testing.assert_close(one[0], got[0][1:2], rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize(

@@ -267,7 +267,8 @@ class BenchResult:
                         TARGET_SELECTION_OVERHEAD,
                         share <= TARGET_SELECTION_OVERHEAD,
                         f"{100 * share:.2f} % ({1e3 * fc.stat('select_s')['median']:.1f} ms in "
-                        f"{fc.select_calls} calls; target <= {100 * TARGET_SELECTION_OVERHEAD:.0f} %)",
+                        f"{fc.select_calls} call{'' if fc.select_calls == 1 else 's'}; target <= "
+                        f"{100 * TARGET_SELECTION_OVERHEAD:.0f} %)",
                     )
                 )
             name = "selection overhead, A/B (flowcut / oracle prefill - 1)"

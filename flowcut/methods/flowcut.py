@@ -132,6 +132,17 @@ def _score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _flat_batch(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (B, H, T, d) as is if its (B, H) dims flatten into one batch dim of a batched matmul, else a
+    contiguous copy. Model adapters pass head views of (B, T, H, d) projections: with B > 1 the einsums
+    below run several times slower on such a view than on one copy (measured on CPU: 3 LLaVA-NeXT crops,
+    ~9 -> ~3 ms per layer), while with B = 1 the copy would only add time."""
+    b, h = t.shape[:2]
+    if b == 1 or h == 1 or t.stride(0) == h * t.stride(1):
+        return t
+    return t.contiguous()
+
+
 def global_query_value(q: torch.Tensor, v: torch.Tensor, has_cls: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The global token's query and value: the CLS token's, or the mean over tokens where there is none.
 
@@ -199,7 +210,7 @@ def layer_scores(
     (the latter drives the entropy schedule).
     """
     dtype = _score_dtype(q.dtype)
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    q, k, v = q.to(dtype), _flat_batch(k.to(dtype)), _flat_batch(v.to(dtype))
     q_g, v_g = global_query_value(q, v, has_cls)
     a = attention_strength(q_g, k, scale, has_cls)
     s = semantic_relevance(v_g, v, has_cls, semantic_scaling)
