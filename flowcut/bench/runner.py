@@ -66,6 +66,7 @@ import statistics
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -465,8 +466,6 @@ class BenchResult:
 
 
 def _json_default(o: Any) -> Any:
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
     if isinstance(o, Path):
         return str(o)
     if isinstance(o, torch.dtype):
@@ -496,17 +495,10 @@ def _runs(xs: Iterable[int]) -> str:
 
 def _crops(seqs: Sequence[Sequence[int]]) -> str:
     """Per-crop schedules, identical ones grouped: ``577 x 24`` or ``3 crops: 577 x 4, 41 x 2; 2 crops: ...``."""
-    groups: list[list[Any]] = []
-    for s in seqs:
-        for g in groups:
-            if g[0] == list(s):
-                g[1] += 1
-                break
-        else:
-            groups.append([list(s), 1])
     if len(seqs) == 1:
         return _runs(seqs[0])
-    return "; ".join(f"{n} crop{'s' if n > 1 else ''}: {_runs(s)}" for s, n in groups)
+    groups = Counter(tuple(s) for s in seqs)  # first-seen order
+    return "; ".join(f"{n} crop{'s' if n > 1 else ''}: {_runs(s)}" for s, n in groups.items())
 
 
 def _finite(o: Any) -> Any:
@@ -1063,8 +1055,8 @@ def _count(
     logits_to_keep: bool,
 ) -> list[_Prompt]:
     """One untimed forward of ``model`` (pruning attached by the caller) with the counting hooks on."""
-    with _TokenCounter(parts, llm_record) as counter, torch.inference_mode():
-        model(**inputs, use_cache=False, **({"logits_to_keep": 1} if logits_to_keep else {}))
+    with _TokenCounter(parts, llm_record) as counter:
+        _forward(model, inputs, logits_to_keep)
     return counter.prompts(text)
 
 
@@ -1503,8 +1495,9 @@ def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a.shape == b.shape and bool(torch.equal(a.cpu(), b.cpu()))
 
 
-def _check_replay(what: str, recorded: Any, replayed: Any, llm_rec: Any = None, llm_rep: Any = None) -> None:
-    """The replay must keep exactly FlowCut's tokens, in the tower and in the language model."""
+def _check_replay(what: str, recorded: Any, replayed: Any, llm_rec: Any, llm_rep: Any) -> None:
+    """The replay must keep exactly FlowCut's tokens, in the tower and in the language model (``llm_rec`` /
+    ``llm_rep``: ``LLMPassRecord``, or ``None`` where nothing prunes there)."""
     if not _same(recorded.kept_indices, replayed.kept_indices):
         raise RuntimeError(f"{what} oracle replay did not reproduce FlowCut's kept indices")
     if list(recorded.tokens_per_layer) != list(replayed.tokens_per_layer):
@@ -1527,24 +1520,14 @@ def _verified_oracle(
     row_of: _RowMaker,
     keep: int,
     logits_to_keep: bool,
-    two_stage: bool = True,
 ) -> _Variant:
     """Run the replay ``attach`` once on ``prompt`` with the counting hooks, check that it keeps exactly the
-    recorded tokens (``two_stage``: the language-model stage too), and build the oracle variant."""
+    recorded tokens (in the tower, and in the language model where ``llm_record`` holds a stage), and build
+    the oracle variant."""
     check = attach()
     try:
-        prompts = _count(
-            model,
-            parts,
-            prompt,
-            text,
-            (lambda: check.llm_record) if two_stage else (lambda: None),
-            logits_to_keep,
-        )
-        if two_stage:
-            _check_replay(what, record, check.record, llm_record, check.llm_record)
-        else:
-            _check_replay(what, record, check.record)
+        prompts = _count(model, parts, prompt, text, lambda: check.llm_record, logits_to_keep)
+        _check_replay(what, record, check.record, llm_record, check.llm_record)
     finally:
         check.remove()
     row = row_of(f"oracle@{keep}", "oracle", keep, prompts, record.tokens_per_layer)
@@ -1584,18 +1567,7 @@ def _oracle_llava(
         return LlavaAttachment(model, lambda k: ReplaySelector(steps, k), keep)
 
     return _verified_oracle(
-        "LLaVA",
-        model,
-        parts,
-        compact,
-        text,
-        attach,
-        record,
-        None,
-        row_of,
-        keep,
-        logits_to_keep,
-        two_stage=False,
+        "LLaVA", model, parts, compact, text, attach, record, None, row_of, keep, logits_to_keep
     )
 
 
