@@ -1,4 +1,4 @@
-"""Analysis metrics (flowcut.analysis.metrics) on constructed inputs with known answers, and plot smoke tests."""
+"""Analysis metrics (vlmcut.analysis.metrics) on constructed inputs with known answers, and plot smoke tests."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from flowcut.analysis import metrics as M
+from vlmcut.analysis import metrics as M
 
 # ------------------------------------------------------------------------------------------ helpers
 H, W = 3, 4  # a small non-square patch grid, so row/column mix-ups show
@@ -288,7 +288,7 @@ def test_metrics_module_needs_only_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, flowcut.analysis.metrics; sys.exit(int('matplotlib' in sys.modules))"
+    code = "import sys, vlmcut.analysis.metrics; sys.exit(int('matplotlib' in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
@@ -300,7 +300,7 @@ def _is_png(path) -> bool:
 
 def test_plots_write_pngs(tmp_path) -> None:
     pytest.importorskip("matplotlib")
-    from flowcut.analysis import plots as P
+    from vlmcut.analysis import plots as P
 
     g = torch.Generator().manual_seed(0)
     attn = torch.rand(4, N + 1, N + 1, generator=g).softmax(-1)  # (L, T, T)
@@ -345,7 +345,7 @@ def test_plots_write_pngs(tmp_path) -> None:
 
 def test_plots_are_deterministic(tmp_path) -> None:
     pytest.importorskip("matplotlib")
-    from flowcut.analysis import plots as P
+    from vlmcut.analysis import plots as P
 
     ys = torch.linspace(1.0, 0.2, 6)
     a = P.plot_layer_curves(ys, tmp_path / "a.png", ylabel="h").read_bytes()

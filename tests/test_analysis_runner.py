@@ -1,4 +1,4 @@
-"""flowcut.analysis.runner / report / cli_analyze on tiny real towers (tests/tiny.py)."""
+"""vlmcut.analysis.runner / report / cli_analyze on tiny real towers (tests/tiny.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 import tiny
 import torch
 
-import flowcut
-from flowcut.analysis.cli_analyze import add_parser
-from flowcut.analysis.report import analyze_images
-from flowcut.analysis.runner import analyze_tower
+import vlmcut
+from vlmcut.analysis.cli_analyze import add_parser
+from vlmcut.analysis.report import analyze_images
+from vlmcut.analysis.runner import analyze_tower
 
 KEEP = 16  # of 64 patches
 
@@ -38,7 +38,7 @@ def _impls(model: torch.nn.Module) -> list[object]:
 
 
 @pytest.fixture(scope="module")
-def clip_result() -> tuple[torch.nn.Module, flowcut.analysis.runner.AnalysisResult]:
+def clip_result() -> tuple[torch.nn.Module, vlmcut.analysis.runner.AnalysisResult]:
     tower = tiny.clip_tower(layers=6, attn="sdpa")
     return tower, analyze_tower(tower, tiny.pixels(batch=2), keep=KEEP)
 
@@ -110,7 +110,7 @@ def test_kept_indices_match_prune(make) -> None:
     tower = make(layers=4)
     px = tiny.pixels(batch=2)
     r = analyze_tower(tower, px, keep=KEEP, methods=("flowcut", "grid"))
-    with flowcut.prune(tower, "flowcut", keep=KEEP, feature_layer=-1) as handle, torch.no_grad():
+    with vlmcut.prune(tower, "flowcut", keep=KEEP, feature_layer=-1) as handle, torch.no_grad():
         tower(pixel_values=px)
     assert torch.equal(r.kept["flowcut"], handle.kept_indices)
     assert r.kept["grid"].shape == (2, KEEP)

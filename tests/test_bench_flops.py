@@ -1,4 +1,4 @@
-"""Analytic FLOPs model and model-shape presets (flowcut.bench.flops, flowcut.bench.presets).
+"""Analytic FLOPs model and model-shape presets (vlmcut.bench.flops, vlmcut.bench.presets).
 
 All fast: configs only, full-size models are built on the meta device, only the tiny presets run.
 """
@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from flowcut.bench.flops import (
+from vlmcut.bench.flops import (
     DENSE_CONVENTION,
     FASTV_FORMULA_CONVENTION,
     PAPER_CONVENTION,
@@ -28,7 +28,7 @@ from flowcut.bench.flops import (
     prefill_tflops,
     vision_flops,
 )
-from flowcut.bench.presets import (
+from vlmcut.bench.presets import (
     build_preset_model,
     example_inputs,
     list_presets,

@@ -1,4 +1,4 @@
-"""The efficiency benchmark on the tiny LLaVA-NeXT and Qwen2-VL presets (flowcut.bench.runner).
+"""The efficiency benchmark on the tiny LLaVA-NeXT and Qwen2-VL presets (vlmcut.bench.runner).
 
 No timing assertions: structure, the analytic FLOPs from the real per-layer token counts (vision crops /
 packed patches, decoder-stage schedules), KV-cache bytes, oracles, skipped methods and the CLI.
@@ -12,14 +12,14 @@ import json
 import pytest
 import torch
 
-from flowcut.bench.flops import kv_cache_bytes, model_shape, prefill_breakdown
-from flowcut.bench.presets import (
+from vlmcut.bench.flops import kv_cache_bytes, model_shape, prefill_breakdown
+from vlmcut.bench.presets import (
     build_preset_model,
     llava_next_num_crops,
     num_image_tokens,
     preset_config,
 )
-from flowcut.bench.runner import EXEC_CONVENTION, BenchResult, bench_image_size, load_model, run_benchmark
+from vlmcut.bench.runner import EXEC_CONVENTION, BenchResult, bench_image_size, load_model, run_benchmark
 
 NEXT_KEEPS = (32, 16)  # tiny-llava-next: 5 crops of 64 patches, 224 patch tokens + 10 newlines at 213x142
 QWEN_SIZE = (112, 112)  # tiny-qwen2-vl: 8 x 8 patches -> 16 merged tokens
@@ -214,7 +214,7 @@ def test_load_model_from_directory_picks_the_class(tmp_path) -> None:
 
 
 def test_cli_qwen_writes_files(tmp_path, capsys) -> None:
-    from flowcut.bench.cli_bench import add_parser
+    from vlmcut.bench.cli_bench import add_parser
 
     parser = argparse.ArgumentParser(prog="flowcut")
     add_parser(parser.add_subparsers(dest="command", required=True))

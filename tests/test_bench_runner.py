@@ -1,4 +1,4 @@
-"""The efficiency benchmark runner (flowcut.bench.runner) and its CLI, on the tiny LLaVA preset.
+"""The efficiency benchmark runner (vlmcut.bench.runner) and its CLI, on the tiny LLaVA preset.
 
 No timing assertions: only structure, analytic consistency and the written files. LLaVA-NeXT and Qwen2-VL:
 tests/test_bench_models.py.
@@ -13,14 +13,14 @@ import math
 import pytest
 import torch
 
-from flowcut.bench.flops import (
+from vlmcut.bench.flops import (
     PAPER_CONVENTION,
     kv_cache_bytes,
     model_shape,
     prefill_breakdown,
     prefill_tflops,
 )
-from flowcut.bench.runner import (
+from vlmcut.bench.runner import (
     EXEC_CONVENTION,
     BenchResult,
     ReplayLLMSelector,
@@ -212,7 +212,7 @@ def test_replay_selectors_and_cache_bytes() -> None:
 
 
 def test_cli(tmp_path, capsys) -> None:
-    from flowcut.bench.cli_bench import add_parser
+    from vlmcut.bench.cli_bench import add_parser
 
     parser = argparse.ArgumentParser(prog="flowcut")
     add_parser(parser.add_subparsers(dest="command", required=True))
@@ -256,7 +256,7 @@ def test_rejects_unknown_method() -> None:
 
 def test_selection_time_is_measured_in_the_selectors(result: BenchResult) -> None:
     """Every method row times its selector calls; the unpruned and oracle rows (nothing to choose) do not."""
-    from flowcut.bench.presets import preset_config
+    from vlmcut.bench.presets import preset_config
 
     vision = preset_config("tiny").vision_config
     consumed = vision.num_hidden_layers - 2  # vision_feature_layer -2: FlowCut scores every layer before it
@@ -274,7 +274,7 @@ def test_selection_time_is_measured_in_the_selectors(result: BenchResult) -> Non
 
 def test_timed_spec_is_transparent() -> None:
     """The timing wrapper returns what the selector returns, forwards its other attributes, and counts calls."""
-    from flowcut.api import METHODS
+    from vlmcut.api import METHODS
 
     clock = SelectionClock(torch.device("cpu"))
     spec = timed_spec(METHODS["flowcut"], clock)

@@ -1,4 +1,4 @@
-"""`flowcut run` on a local LLaVA directory saved from tiny real classes."""
+"""`vlmcut run` on a local LLaVA directory saved from tiny real classes."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import tiny
 import torch
 from PIL import Image
 
-from flowcut.analysis.overlay import kept_patch_overlay, processed_image
-from flowcut.cli import main
+from vlmcut.analysis.overlay import kept_patch_overlay, processed_image
+from vlmcut.cli import main
 
 
 def test_flowcut_run_end_to_end(tmp_path, capsys) -> None:

@@ -1,4 +1,4 @@
-"""`flowcut demo` and `flowcut eval` on the real small LLaVA (skipped without the zoo extra)."""
+"""`vlmcut demo` and `vlmcut eval` on the real small LLaVA (skipped without the zoo extra)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import json
 
 import pytest
 
-from flowcut.cli import main
+from vlmcut.cli import main
 
 pytest.importorskip("onnx")
 pytest.importorskip("gguf")
 
 
 def test_demo_prints_both_runs_and_saves_pictures(tmp_path, capsys) -> None:
-    from flowcut.demo import run_demo
+    from vlmcut.demo import run_demo
 
     run_demo(tmp_path, keep=64, n_scenes=1, max_new_tokens=2)
     out = capsys.readouterr().out

@@ -12,16 +12,16 @@ import pytest
 import tiny
 import torch
 
-import flowcut
-from flowcut.methods.fastervlm import FasterVLMConfig, FasterVLMSelector, global_attention
-from flowcut.methods.visionzip import (
+import vlmcut
+from vlmcut.methods.fastervlm import FasterVLMConfig, FasterVLMSelector, global_attention
+from vlmcut.methods.visionzip import (
     VisionZipConfig,
     VisionZipSelector,
     default_split,
     key_metric,
     visionzip_plan,
 )
-from flowcut.models.vit import _merge_tokens, tower_spec
+from vlmcut.models.vit import _merge_tokens, tower_spec
 
 TOWERS = [tiny.clip_tower, tiny.siglip_tower, tiny.dinov2_tower]
 METHODS = ["fastervlm", "visionzip"]
@@ -218,7 +218,7 @@ def test_towers_match_the_naive_reference(builder, method, options) -> None:
     last = model.config.num_hidden_layers - 1  # feature_layer=-1: the last layer's output is read
     with torch.no_grad():
         ref, q, k, scale, has_cls = _run_unpruned(model, lambda: model(x, output_hidden_states=True), last)
-        with flowcut.prune(model, method, keep=keep, **options) as h:
+        with vlmcut.prune(model, method, keep=keep, **options) as h:
             out = model(x, output_hidden_states=True)
     feats, recorded = _naive(ref.hidden_states[-1], q, k, scale, has_cls, method, keep, **options)
     off = int(has_cls)
@@ -255,7 +255,7 @@ def test_keep_all_is_identity_on_towers(builder, method) -> None:
     with torch.no_grad():
         ref = model(x, output_hidden_states=True)
         for keep in (N, N + 10):
-            with flowcut.prune(model, method, keep=keep) as h:
+            with vlmcut.prune(model, method, keep=keep) as h:
                 out = model(x, output_hidden_states=True)
             assert h.kept_indices.tolist() == [list(range(N))] * 2
             for a, b in zip(out.hidden_states, ref.hidden_states, strict=True):
@@ -276,7 +276,7 @@ def test_tower_remove_restores_and_sdpa_keeps_its_kernel(method) -> None:
             layer.self_attn.register_forward_hook(lambda m, a, o: seen.append(o[1]))
             for layer in model.encoder.layers
         ]
-        handle = flowcut.prune(model, method, keep=9)
+        handle = vlmcut.prune(model, method, keep=9)
         assert model(x).last_hidden_state.shape == (2, 10, ref.shape[-1])
         for hk in hooks:
             hk.remove()
@@ -292,13 +292,13 @@ def test_config_errors_say_what_to_do() -> None:
     before = [(n, dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()]
     for method in METHODS:
         with pytest.raises(ValueError, match="keep must be >= 1"):
-            flowcut.prune(model, method, keep=0)
+            vlmcut.prune(model, method, keep=0)
     with pytest.raises(ValueError, match="contextual <= keep"):
-        flowcut.prune(model, "visionzip", keep=4, contextual=5)
+        vlmcut.prune(model, "visionzip", keep=4, contextual=5)
     with pytest.raises(ValueError, match="merge must be 'mean'"):
-        flowcut.prune(model, "visionzip", keep=4, merge="sum")
+        vlmcut.prune(model, "visionzip", keep=4, merge="sum")
     with pytest.raises(TypeError, match="valid options"):
-        flowcut.prune(model, "fastervlm", keep=4, contextual=1)
+        vlmcut.prune(model, "fastervlm", keep=4, contextual=1)
     after = [(n, dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()]
     assert after == before  # nothing left attached
 
@@ -331,7 +331,7 @@ def test_llava_features_match_the_naive_reference(proc, method) -> None:
         )
         feats, recorded = _naive(ref.hidden_states[-2], q, k, scale, has_cls, method, keep)
         expected = model.model.multi_modal_projector(feats)
-        with flowcut.prune(model, method, keep=keep) as h:
+        with vlmcut.prune(model, method, keep=keep) as h:
             out = model(**{**inputs, "pixel_values": pixels})
     assert h.kept_indices.shape == (2, keep)
     assert torch.equal(h.kept_indices, recorded)
@@ -349,10 +349,10 @@ def test_llava_identity_generate_and_remove(proc, method) -> None:
     with torch.no_grad():
         ref = model(**inputs).logits
         ref_gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-        with flowcut.prune(model, method, keep=N):  # keep every patch: the exact identity
+        with vlmcut.prune(model, method, keep=N):  # keep every patch: the exact identity
             assert torch.equal(model(**inputs).logits, ref)
             assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), ref_gen)
-        handle = flowcut.prune(model, method, keep=6)
+        handle = vlmcut.prune(model, method, keep=6)
         logits = model(**inputs).logits
         assert handle.kept_indices.shape == (2, 6)
         assert logits.shape[1] == n - (N - 6)  # the prompt lost N - 6 placeholders
@@ -378,12 +378,12 @@ def test_llava_full_strategy_counts_cls_as_one_of_k(proc) -> None:
     full_proc = tiny.processor()
     full_proc.vision_feature_select_strategy = "full"
     inputs = full_proc(images=tiny.images(1, 3), text=[PROMPTS[0]], return_tensors="pt")
-    with torch.no_grad(), flowcut.prune(model, "visionzip", keep=8) as h:
+    with torch.no_grad(), vlmcut.prune(model, "visionzip", keep=8) as h:
         out = model(**inputs)
     assert out.image_hidden_states.reshape(-1, out.image_hidden_states.shape[-1]).shape[0] == 8
     assert h.kept_indices.shape == (1, 7)  # CLS + 6 dominant + 1 contextual (default_split(7))
     with pytest.raises(ValueError, match="lower contextual"):
-        flowcut.prune(model, "visionzip", keep=8, contextual=8)
+        vlmcut.prune(model, "visionzip", keep=8, contextual=8)
     assert all(not m._forward_pre_hooks for m in model.modules())
 
 
@@ -391,7 +391,7 @@ def test_llava_bf16_visionzip_is_finite(proc) -> None:
     model = tiny.llava(seed=4, dtype=torch.bfloat16)
     inputs = _inputs(proc, seed=4)
     inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
-    with torch.no_grad(), flowcut.prune(model, "visionzip", keep=8) as h:
+    with torch.no_grad(), vlmcut.prune(model, "visionzip", keep=8) as h:
         logits = model(**inputs).logits
     assert logits.dtype == torch.bfloat16 and bool(torch.isfinite(logits).all())
     assert h.kept_indices.shape == (2, 8)

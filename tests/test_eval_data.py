@@ -9,8 +9,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from flowcut.eval.datasets import dataset_names, load_dataset
-from flowcut.eval.scenes import (
+from vlmcut.eval.datasets import dataset_names, load_dataset
+from vlmcut.eval.scenes import (
     COLORS,
     DEFAULT_N_SCENES,
     FAMILIES,

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import tiny
 
-from flowcut.eval.datasets import load_dataset
-from flowcut.eval.runner import evaluate, markdown_table, retention, score_answers, sweep, write_reports
+from vlmcut.eval.datasets import load_dataset
+from vlmcut.eval.runner import evaluate, markdown_table, retention, score_answers, sweep, write_reports
 
 
 def _sample(family: str, answer: str):

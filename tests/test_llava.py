@@ -7,7 +7,7 @@ import tiny
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-import flowcut
+import vlmcut
 
 PROMPTS = ["USER: <image> what is in the image ? ASSISTANT:", "USER: <image> describe ? ASSISTANT:"]
 KEEP = 8
@@ -32,7 +32,7 @@ def _oracle_logits(model, proc, prompts, inputs, keep):
         return_tensors="pt",
         padding=True,
     )
-    with flowcut.prune(model, "flowcut", keep=keep):
+    with vlmcut.prune(model, "flowcut", keep=keep):
         feats = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
     return model(
         input_ids=compact["input_ids"],
@@ -46,7 +46,7 @@ def test_keep_all_is_exact_identity(proc) -> None:
     inputs = _inputs(proc)
     with torch.no_grad():
         ref = model(**inputs).logits
-        with flowcut.prune(model, "flowcut", keep=tiny.GRID**2):
+        with vlmcut.prune(model, "flowcut", keep=tiny.GRID**2):
             out = model(**inputs).logits
             gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         ref_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
@@ -59,7 +59,7 @@ def test_pruned_forward_equals_model_fed_only_kept_tokens(proc) -> None:
     inputs = _inputs(proc, seed=1)
     with torch.no_grad():
         oracle, compact = _oracle_logits(model, proc, PROMPTS, inputs, KEEP)
-        with flowcut.prune(model, "flowcut", keep=KEEP) as h:
+        with vlmcut.prune(model, "flowcut", keep=KEEP) as h:
             out = model(**inputs).logits
     assert h.kept_indices.shape == (2, KEEP)
     assert (
@@ -80,7 +80,7 @@ def test_several_images_per_prompt_and_uneven_rows(proc) -> None:
     assert inputs["pixel_values"].shape[0] == 3
     with torch.no_grad():
         oracle, compact = _oracle_logits(model, proc, prompts, inputs, KEEP)
-        with flowcut.prune(model, "flowcut", keep=KEEP) as h:
+        with vlmcut.prune(model, "flowcut", keep=KEEP) as h:
             out = model(**inputs).logits
             gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert h.kept_indices.shape == (3, KEEP)
@@ -94,7 +94,7 @@ def test_generate_left_padded_batch_matches_no_cache_decoding(proc, attn) -> Non
     model = tiny.llava(seed=3, attn=attn)
     inputs = _inputs(proc, seed=3)
     assert bool((inputs["attention_mask"][:, 0] == 0).any())  # really left-padded
-    with torch.no_grad(), flowcut.prune(model, "flowcut", keep=KEEP):
+    with torch.no_grad(), vlmcut.prune(model, "flowcut", keep=KEEP):
         gen = model.generate(**inputs, max_new_tokens=6, do_sample=False, min_new_tokens=6)
         ref = tiny.greedy_without_cache(model, inputs, 6)
     n = inputs["input_ids"].shape[1]
@@ -106,7 +106,7 @@ def test_generate_dict_output_and_max_length(proc) -> None:
     model = tiny.llava(seed=4)
     inputs = _inputs(proc, seed=4)
     n = inputs["input_ids"].shape[1]
-    with torch.no_grad(), flowcut.prune(model, "flowcut", keep=KEEP):
+    with torch.no_grad(), vlmcut.prune(model, "flowcut", keep=KEEP):
         out = model.generate(
             **inputs, max_length=n + 3, min_length=n + 3, do_sample=False, return_dict_in_generate=True
         )
@@ -118,7 +118,7 @@ def test_bf16_generate(proc) -> None:
     model = tiny.llava(seed=5, dtype=torch.bfloat16)
     inputs = _inputs(proc, seed=5)
     inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
-    with torch.no_grad(), flowcut.prune(model, "flowcut", keep=KEEP) as h:
+    with torch.no_grad(), vlmcut.prune(model, "flowcut", keep=KEEP) as h:
         logits = model(**inputs).logits
         gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert logits.dtype == torch.bfloat16 and bool(torch.isfinite(logits).all())
@@ -133,7 +133,7 @@ def test_full_strategy_keeps_cls_as_one_of_k(proc) -> None:
     full_proc.vision_feature_select_strategy = "full"
     inputs = full_proc(images=image, text=[PROMPTS[0]], return_tensors="pt")
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == tiny.GRID**2 + 1
-    with torch.no_grad(), flowcut.prune(model, "flowcut", keep=KEEP) as h:
+    with torch.no_grad(), vlmcut.prune(model, "flowcut", keep=KEEP) as h:
         out = model(**inputs)
     assert out.image_hidden_states.shape[0] == KEEP  # CLS + KEEP - 1 patches
     assert h.kept_indices.shape == (1, KEEP - 1)
@@ -155,7 +155,7 @@ def test_training_step_with_and_without_gradient_checkpointing(proc, reentrant) 
     labels = inputs["input_ids"].clone()
     labels[inputs["attention_mask"] == 0] = -100
     labels[labels == model.config.image_token_id] = -100
-    with flowcut.prune(model, "flowcut", keep=KEEP) as h:
+    with vlmcut.prune(model, "flowcut", keep=KEEP) as h:
         loss, grads = _train_step(model, inputs, labels)
         assert h.kept_indices.shape == (2, KEEP)
         model.activation_checkpointing_enable({"use_reentrant": reentrant})
@@ -175,7 +175,7 @@ def test_training_step_with_and_without_gradient_checkpointing(proc, reentrant) 
         for n, p in model.named_parameters():
             if n in grads:
                 p -= 0.5 * grads[n]
-    with flowcut.prune(model, "flowcut", keep=KEEP):
+    with vlmcut.prune(model, "flowcut", keep=KEEP):
         new_loss, _ = _train_step(model, inputs, labels)
     assert float(new_loss) < float(loss)
 
@@ -188,7 +188,7 @@ def test_labels_shrink_with_the_placeholders(proc) -> None:
     labels[inputs["attention_mask"] == 0] = -100
     with torch.no_grad():
         oracle_logits, compact = _oracle_logits(model, proc, PROMPTS, inputs, KEEP)
-        with flowcut.prune(model, "flowcut", keep=KEEP):
+        with vlmcut.prune(model, "flowcut", keep=KEEP):
             loss = model(**inputs, labels=labels).loss
     c_labels = compact["input_ids"].clone()
     c_labels[c_labels == model.config.image_token_id] = -100
@@ -206,7 +206,7 @@ def test_remove_restores_model_and_generate(proc) -> None:
     inputs = _inputs(proc, seed=9)
     with torch.no_grad():
         ref = model(**inputs).logits
-        handle = flowcut.prune(model, "flowcut", keep=KEEP)
+        handle = vlmcut.prune(model, "flowcut", keep=KEEP)
         assert "generate" in vars(model)
         model(**inputs)
         handle.remove()
@@ -220,10 +220,10 @@ def test_error_cases(proc) -> None:
     inputs = _inputs(proc)
     for bad, exc in ((0, ValueError), (-1, ValueError), (3.0, TypeError), ("8", TypeError)):
         with pytest.raises(exc, match="keep"):
-            flowcut.prune(model, "flowcut", keep=bad)
+            vlmcut.prune(model, "flowcut", keep=bad)
     with pytest.raises(ValueError, match="vision_feature_layer"):
-        flowcut.prune(model, "flowcut", keep=KEEP, feature_layer=-2)
-    with flowcut.prune(model, "flowcut", keep=KEEP), torch.no_grad():
+        vlmcut.prune(model, "flowcut", keep=KEEP, feature_layer=-2)
+    with vlmcut.prune(model, "flowcut", keep=KEEP), torch.no_grad():
         broken = dict(inputs)
         broken["input_ids"] = inputs["input_ids"][:, 1:]  # one placeholder too few in row... or padding
         broken["attention_mask"] = inputs["attention_mask"][:, 1:]

@@ -17,9 +17,9 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-import flowcut
-from flowcut.methods.flowcut import FlowCutConfig, FlowCutSelector
-from flowcut.models.llava_next import LlavaNextAttachment, crop_budgets
+import vlmcut
+from vlmcut.methods.flowcut import FlowCutConfig, FlowCutSelector
+from vlmcut.models.llava_next import LlavaNextAttachment, crop_budgets
 
 S = tiny.IMAGE  # 56 px tiles of 8 x 8 = 64 patches
 N = tiny.GRID**2
@@ -146,7 +146,7 @@ def test_keep_all_is_exact_identity(proc, method) -> None:
     with torch.no_grad():
         ref = model(**inputs).logits
         ref_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        with flowcut.prune(model, method, keep=10 * 5 * N) as h:
+        with vlmcut.prune(model, method, keep=10 * 5 * N) as h:
             out = model(**inputs).logits
             gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert torch.equal(out, ref)
@@ -159,7 +159,7 @@ def test_counts_and_budgets(proc) -> None:
     keep = 16
     model = llava_next(seed=1)
     inputs = _inputs(proc, seed=1)
-    with torch.no_grad(), flowcut.prune(model, "flowcut", keep=keep) as h:
+    with torch.no_grad(), vlmcut.prune(model, "flowcut", keep=keep) as h:
         out = model(**inputs)
         att = h._attachment
         rec = att.pass_record
@@ -192,7 +192,7 @@ def test_single_stage_budgets_sum_to_keep(proc, method) -> None:
     keep = 23
     model = llava_next(seed=2)
     inputs = _inputs(proc, sizes=[SIZES[2], SIZES[1]], seed=2)
-    with torch.no_grad(), flowcut.prune(model, method, keep=keep) as h:
+    with torch.no_grad(), vlmcut.prune(model, method, keep=keep) as h:
         model(**inputs)
         rec = h._attachment.pass_record
     # 3 crops: 8 8 7; 5 crops: 5 5 5 4 4 (base crop first gets the remainder)
@@ -282,7 +282,7 @@ def test_generate_left_padded_batch_of_two_sizes(proc, method) -> None:
     inputs = _inputs(proc, seed=4)
     assert bool((inputs["attention_mask"][:, 0] == 0).any())  # really left-padded
     assert inputs["image_sizes"].tolist() == [list(s) for s in SIZES[:2]]
-    with torch.no_grad(), flowcut.prune(model, method, keep=12) as h:
+    with torch.no_grad(), vlmcut.prune(model, method, keep=12) as h:
         gen = model.generate(**inputs, max_new_tokens=5, do_sample=False, min_new_tokens=5)
         prefill_positions = h._attachment.visual_positions  # the last forward: a decode step, no images
         ref = tiny.greedy_without_cache(model, inputs, 5)
@@ -320,11 +320,11 @@ def test_llava_next_model_and_max_length(proc) -> None:
     model = llava_next(seed=6)
     inputs = _inputs(proc, seed=6)
     n = inputs["input_ids"].shape[1]
-    with torch.no_grad(), flowcut.prune(model, "flowcut", keep=10):
+    with torch.no_grad(), vlmcut.prune(model, "flowcut", keep=10):
         out = model.generate(**inputs, max_length=n + 3, min_length=n + 3, do_sample=False)
     assert out.shape == (2, n + 3)
     base = LlavaNextModel(model.config).eval()
-    with torch.no_grad(), flowcut.prune(base, "random", keep=10) as h:
+    with torch.no_grad(), vlmcut.prune(base, "random", keep=10) as h:
         hidden = base(**inputs).last_hidden_state
     assert hidden.shape[1] < n and h.kept_indices.shape[0] == 8
 
@@ -335,7 +335,7 @@ def test_labels_and_training_step(proc) -> None:
     labels = inputs["input_ids"].clone()
     labels[inputs["attention_mask"] == 0] = -100
     labels[labels == model.config.image_token_id] = -100
-    with flowcut.prune(model, "flowcut", keep=10):
+    with vlmcut.prune(model, "flowcut", keep=10):
         model.train()
         out = model(**inputs, labels=labels)
         out.loss.backward()
@@ -355,7 +355,7 @@ def test_remove_restores_model_and_generate(proc) -> None:
     with torch.no_grad():
         ref = model(**inputs).logits
         before = hooks()
-        handle = flowcut.prune(model, "flowcut", keep=10)
+        handle = vlmcut.prune(model, "flowcut", keep=10)
         assert "generate" in vars(model)
         assert model(**inputs).logits.shape[1] < ref.shape[1]
         handle.remove()
@@ -369,8 +369,8 @@ def test_error_cases(proc) -> None:
     model = llava_next()
     inputs = _inputs(proc)
     with pytest.raises(ValueError, match="vision_feature_layer"):
-        flowcut.prune(model, "flowcut", keep=8, feature_layer=-2)
-    with flowcut.prune(model, "flowcut", keep=8), torch.no_grad():
+        vlmcut.prune(model, "flowcut", keep=8, feature_layer=-2)
+    with vlmcut.prune(model, "flowcut", keep=8), torch.no_grad():
         ids = inputs["input_ids"].clone()
         ids[0, (ids[0] == model.config.image_token_id).nonzero()[0]] = 5
         with pytest.raises(ValueError, match="placeholder"):
@@ -388,7 +388,7 @@ def test_second_stage_in_the_decoder_brings_each_image_to_k(proc, method, option
     keep = 12
     model = llava_next(seed=8, text_layers=4)
     inputs = _inputs(proc, seed=8)
-    with torch.no_grad(), flowcut.prune(model, method, keep=keep, **options) as h:
+    with torch.no_grad(), vlmcut.prune(model, method, keep=keep, **options) as h:
         model(**inputs)
         positions = h._attachment.visual_positions
         kept = h.llm_record.kept_positions

@@ -8,10 +8,10 @@ import pytest
 import tiny
 import torch
 
-import flowcut
-from flowcut.methods.flowcut import FlowCutLLMSelector, llm_stage_scores
-from flowcut.methods.llm_base import LLMContext, last_token_attention, top_per_image
-from flowcut.methods.pdrop import PDropConfig, PDropSelector, default_layers, stage_counts
+import vlmcut
+from vlmcut.methods.flowcut import FlowCutLLMSelector, llm_stage_scores
+from vlmcut.methods.llm_base import LLMContext, last_token_attention, top_per_image
+from vlmcut.methods.pdrop import PDropConfig, PDropSelector, default_layers, stage_counts
 
 PROMPTS = ["USER: <image> what is in the image ? ASSISTANT:", "USER: <image> describe ? ASSISTANT:"]
 TEXT_LAYERS = 6
@@ -37,9 +37,9 @@ def test_identity_when_keeping_everything_and_after_remove(proc, method, options
     inputs = _inputs(proc, seed=1)
     with torch.no_grad():
         base = model(**inputs).logits
-        with flowcut.prune(model, method, keep=N_VISUAL, **options):
+        with vlmcut.prune(model, method, keep=N_VISUAL, **options):
             same = model(**inputs).logits
-        with flowcut.prune(model, method, keep=12, **options):
+        with vlmcut.prune(model, method, keep=12, **options):
             pruned = model(**inputs).logits
         after = model(**inputs).logits
     assert torch.equal(same, base)
@@ -58,7 +58,7 @@ def test_generate_with_cache_equals_without_cache(proc, attn, method, options) -
     kwargs = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}
     with torch.no_grad():
         unpruned = model.generate(**inputs, **kwargs)
-        with flowcut.prune(model, method, keep=12, **options) as h:
+        with vlmcut.prune(model, method, keep=12, **options) as h:
             cached = model.generate(**inputs, **kwargs)
             assert h.llm_record.kept_positions  # generate's prefill really pruned
             uncached = model.generate(**inputs, use_cache=False, **kwargs)
@@ -76,7 +76,7 @@ def test_batch_rows_equal_single_rows(proc, method, options) -> None:
     model = tiny.llava(seed=4, text_layers=TEXT_LAYERS)
     inputs = _inputs(proc, seed=4)
     images = tiny.images(2, 4)
-    with torch.no_grad(), flowcut.prune(model, method, keep=12, **options):
+    with torch.no_grad(), vlmcut.prune(model, method, keep=12, **options):
         batch = model(**inputs).logits[:, -1]
         for r in range(2):
             one = proc(images=images[r : r + 1], text=PROMPTS[r : r + 1], return_tensors="pt")
@@ -89,7 +89,7 @@ def test_fastv_equals_masking_dropped_keys_in_the_unpruned_model(proc) -> None:
     inputs = _inputs(proc, prompts=PROMPTS[:1], seed=5)
     keep = 9
     with torch.no_grad():
-        with flowcut.prune(model, "fastv", keep=keep) as h:
+        with vlmcut.prune(model, "fastv", keep=keep) as h:
             pruned = model(**inputs).logits[:, -1]
         kept = h.llm_record.kept_positions[-1][0]
         ids = inputs["input_ids"][0]
@@ -185,7 +185,7 @@ def test_pdrop_matches_the_average_visual_tokens_and_counts(proc) -> None:
     inputs = _inputs(proc, seed=6)
     sel = PDropSelector(PDropConfig(keep=24, layers=(2, 3, 4)))
     assert sel.prune_layers(TEXT_LAYERS, N_VISUAL) == [1, 2, 3]
-    with torch.no_grad(), flowcut.prune(model, "pdrop", keep=24, layers=(2, 3, 4)) as h:
+    with torch.no_grad(), vlmcut.prune(model, "pdrop", keep=24, layers=(2, 3, 4)) as h:
         model(**inputs)
     visual = inputs["input_ids"] == model.config.image_token_id
     expected, _ = stage_counts(N_VISUAL, TEXT_LAYERS, (2, 3, 4), 24)
@@ -199,7 +199,7 @@ def test_two_images_in_one_row_keep_k_each(proc) -> None:
     model = tiny.llava(seed=7, text_layers=TEXT_LAYERS)
     prompts = ["USER: <image> <image> what is in the image ? ASSISTANT:"]
     inputs = _inputs(proc, prompts=prompts, seed=7)
-    with torch.no_grad(), flowcut.prune(model, "fastv", keep=5) as h:
+    with torch.no_grad(), vlmcut.prune(model, "fastv", keep=5) as h:
         model(**inputs)
         gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert h.kept_indices.shape == (2, 5)
@@ -211,7 +211,7 @@ def test_bf16_generate(proc) -> None:
     model = tiny.llava(seed=8, dtype=torch.bfloat16, text_layers=TEXT_LAYERS)
     inputs = _inputs(proc, seed=8)
     inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
-    with torch.no_grad(), flowcut.prune(model, "fastv", keep=6) as h:
+    with torch.no_grad(), vlmcut.prune(model, "fastv", keep=6) as h:
         logits = model(**inputs).logits
         gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert logits.dtype == torch.bfloat16 and bool(torch.isfinite(logits[:, -1]).all())
@@ -221,11 +221,11 @@ def test_bf16_generate(proc) -> None:
 
 def test_errors_are_actionable() -> None:
     with pytest.raises(TypeError, match="prunes inside the language model"):
-        flowcut.prune(tiny.clip_tower(), "fastv", keep=8)
+        vlmcut.prune(tiny.clip_tower(), "fastv", keep=8)
     model = tiny.llava(seed=9, attn="sdpa", text_layers=2)
     with pytest.raises(ValueError, match="must be <"):
-        with flowcut.prune(model, "fastv", keep=8, layer=2):
+        with vlmcut.prune(model, "fastv", keep=8, layer=2):
             inputs = _inputs(tiny.processor(), seed=9)
             model(**inputs)
     with pytest.raises(ValueError, match="ratio"):
-        flowcut.prune(model, "pdrop", keep=8, ratio=1.5)
+        vlmcut.prune(model, "pdrop", keep=8, ratio=1.5)

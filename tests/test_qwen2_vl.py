@@ -11,8 +11,8 @@ import torch
 from transformers import Qwen2VLModel
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
-import flowcut
-from flowcut.models.qwen2_vl import make_groups
+import vlmcut
+from vlmcut.models.qwen2_vl import make_groups
 
 BUILDERS = {"qwen2_vl": tq.qwen2_vl, "qwen2_5_vl": tq.qwen2_5_vl}
 BIG, SMALL = (1, 8, 8), (1, 4, 8)  # 16 and 8 merged tokens
@@ -48,7 +48,7 @@ def test_keep_all_is_exact_identity(arch, method) -> None:
     with torch.no_grad():
         ref = model(**inputs).logits
         ref_gen = model.generate(**inputs, **GEN)
-        with flowcut.prune(model, method, keep=16) as h:
+        with vlmcut.prune(model, method, keep=16) as h:
             out = model(**inputs).logits
             gen = model.generate(**inputs, **GEN)
     assert torch.equal(out, ref)
@@ -68,7 +68,7 @@ def test_counts_two_stage(arch, keep, targets) -> None:
     inputs = _batch(seed=1)
     calls, hook = _lm_inputs(model)
     try:
-        with torch.no_grad(), flowcut.prune(model, "flowcut", keep=keep) as h:
+        with torch.no_grad(), vlmcut.prune(model, "flowcut", keep=keep) as h:
             model(**inputs)
             rec = h._attachment.pass_record
             kept = h.llm_record.kept_positions
@@ -99,7 +99,7 @@ def test_kept_tokens_keep_their_unpruned_mrope_positions(arch) -> None:
     inputs = _batch(seed=2)
     calls, hook = _lm_inputs(model)
     try:
-        with torch.no_grad(), flowcut.prune(model, "flowcut", keep=3) as h:
+        with torch.no_grad(), vlmcut.prune(model, "flowcut", keep=3) as h:
             model(**inputs)
             items = h._attachment.pass_record.items
     finally:
@@ -139,7 +139,7 @@ def test_kept_tokens_keep_their_unpruned_mrope_positions(arch) -> None:
 def test_kept_vit_tokens_are_whole_2x2_merge_units(arch) -> None:
     model = BUILDERS[arch](seed=3)
     inputs = _batch(seed=3)
-    with torch.no_grad(), flowcut.prune(model, "flowcut", keep=2) as h:
+    with torch.no_grad(), vlmcut.prune(model, "flowcut", keep=2) as h:
         model(**inputs)
         items = h._attachment.pass_record.items
     hw = get_vision_position_ids(inputs["image_grid_thw"], 2)  # (tokens, 2) ViT (row, col) of each patch
@@ -186,7 +186,7 @@ def test_pruned_tower_equals_last_block_run_on_the_kept_tokens(variant) -> None:
     visual = model.model.visual
     inputs = _batch(seed=4)
     grid = inputs["image_grid_thw"]
-    with torch.no_grad(), flowcut.prune(model, "flowcut", keep=3, prune_interval=10) as h:
+    with torch.no_grad(), vlmcut.prune(model, "flowcut", keep=3, prune_interval=10) as h:
         model(**inputs)
         items = h._attachment.pass_record.items
         assert h.tokens_per_layer == [40, 40, 18, 18]  # pruned once, after block 2: 3 images x 2K
@@ -246,7 +246,7 @@ def test_generate_with_cache_equals_recomputing_the_pruned_prefix(arch, method, 
     inputs = _batch(seed=5)
     assert bool((inputs["attention_mask"][:, 0] == 0).any())
     kw = {**GEN, "return_dict_in_generate": True, "output_logits": True}
-    with torch.no_grad(), flowcut.prune(model, method, keep=3, **options) as h:
+    with torch.no_grad(), vlmcut.prune(model, method, keep=3, **options) as h:
         cached = model.generate(**inputs, **kw)
         assert h.llm_record.kept_positions  # generate's prefill really pruned in the decoder
         uncached = model.generate(**inputs, **kw, use_cache=False)
@@ -292,7 +292,7 @@ def test_video_budgets(budget) -> None:
     video = (3, 8, 8)
     inputs = tq.prompt_inputs([[3, "video", 4], ["image", 5, 6]], [SMALL], [video], seed=6)
     keep = 8
-    with torch.no_grad(), flowcut.prune(model, "flowcut", keep=keep, video_budget=budget) as h:
+    with torch.no_grad(), vlmcut.prune(model, "flowcut", keep=keep, video_budget=budget) as h:
         model(**inputs)
         rec = h._attachment.pass_record
         kept = h.llm_record.kept_positions[0]
@@ -332,7 +332,7 @@ def test_remove_restores_model_and_generate() -> None:
         ref = model(**inputs).logits
         ref_gen = model.generate(**inputs, **GEN)
         before = hooks()
-        handle = flowcut.prune(model, "flowcut", keep=2)
+        handle = vlmcut.prune(model, "flowcut", keep=2)
         assert "generate" in vars(model)
         pruned = model(**inputs).logits
         assert not torch.allclose(pruned[:, -1], ref[:, -1], atol=1e-4)
@@ -350,13 +350,13 @@ def test_inner_model_class_and_sparsevlm() -> None:
     base = Qwen2VLModel(full.config).eval()
     base.load_state_dict(full.model.state_dict())
     inputs = _batch(seed=8)
-    with torch.no_grad(), flowcut.prune(base, "flowcut", keep=3) as h:
+    with torch.no_grad(), vlmcut.prune(base, "flowcut", keep=3) as h:
         hidden = base(**inputs).last_hidden_state
     # the compacted prompt: 2 K = 6 placeholders per image instead of 16 / 8 / 16
     n_text = [int(m.sum()) - n for m, n in zip(inputs["attention_mask"], [16, 24], strict=True)]
     assert hidden.shape[1] == max(n_text[0] + 6, n_text[1] + 12) < inputs["input_ids"].shape[1]
     assert h.kept_indices.shape == (3, 6)
-    with torch.no_grad(), flowcut.prune(full, "sparsevlm", keep=10, layers=(0,)) as h:  # targets 10, 8, 10
+    with torch.no_grad(), vlmcut.prune(full, "sparsevlm", keep=10, layers=(0,)) as h:  # targets 10, 8, 10
         out = full(**inputs).logits
     assert bool(torch.isfinite(out[:, -1]).all()) and h.llm_record.kept_positions
 
@@ -365,19 +365,19 @@ def test_errors_are_actionable() -> None:
     model = tq.qwen2_vl()
     for bad in (0, -3, 0.0, -0.5):
         with pytest.raises(ValueError, match="keep"):
-            flowcut.prune(model, "flowcut", keep=bad)
+            vlmcut.prune(model, "flowcut", keep=bad)
     with pytest.raises(TypeError, match=r"ratio in \(0, 1\]"):
-        flowcut.prune(model, "flowcut", keep=1.5)
+        vlmcut.prune(model, "flowcut", keep=1.5)
     with pytest.raises(TypeError, match="keep must be an int"):
-        flowcut.prune(model, "fastv", keep="64")
+        vlmcut.prune(model, "fastv", keep="64")
     with pytest.raises(ValueError, match="supported methods: flowcut, fastv, pdrop, sparsevlm"):
-        flowcut.prune(model, "grid", keep=4)
+        vlmcut.prune(model, "grid", keep=4)
     with pytest.raises(ValueError, match="video_budget"):
-        flowcut.prune(model, "flowcut", keep=4, video_budget="per_second")
+        vlmcut.prune(model, "flowcut", keep=4, video_budget="per_second")
     with pytest.raises(ValueError, match="Qwen2-VL / Qwen2.5-VL only"):
-        flowcut.prune(tiny.llava(), "flowcut", keep=0.5)
+        vlmcut.prune(tiny.llava(), "flowcut", keep=0.5)
     inputs = _batch()
-    with flowcut.prune(model, "flowcut", keep=4), torch.no_grad():
+    with vlmcut.prune(model, "flowcut", keep=4), torch.no_grad():
         ids = inputs["input_ids"].clone()
         ids[0, (ids[0] == tq.IMAGE).nonzero()[0]] = 5
         with pytest.raises(ValueError, match="placeholders"):

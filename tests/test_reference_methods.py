@@ -6,8 +6,8 @@ import pytest
 import tiny
 import torch
 
-import flowcut
-from flowcut.methods.reference import grid_indices
+import vlmcut
+from vlmcut.methods.reference import grid_indices
 
 
 def test_grid_indices_hand_checked() -> None:
@@ -25,7 +25,7 @@ def test_grid_indices_hand_checked() -> None:
 def test_reference_methods_on_tower_and_llava(method) -> None:
     model = tiny.clip_tower()
     x = tiny.pixels(2)
-    with torch.no_grad(), flowcut.prune(model, method, keep=9) as h:
+    with torch.no_grad(), vlmcut.prune(model, method, keep=9) as h:
         out = model(x)
     assert out.last_hidden_state.shape[1] == 10
     assert h.kept_indices.shape == (2, 9)
@@ -35,7 +35,7 @@ def test_reference_methods_on_tower_and_llava(method) -> None:
     inputs = proc(
         images=tiny.images(2), text=["USER: <image> describe ? ASSISTANT:"] * 2, return_tensors="pt"
     )
-    with torch.no_grad(), flowcut.prune(llava, method, keep=5) as h:
+    with torch.no_grad(), vlmcut.prune(llava, method, keep=5) as h:
         gen = llava.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert h.kept_indices.shape == (2, 5)
     assert torch.equal(gen[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
@@ -46,12 +46,12 @@ def test_random_is_seeded_and_identity_at_keep_all() -> None:
     x = tiny.pixels(2)
     runs = []
     for _ in range(2):
-        with torch.no_grad(), flowcut.prune(model, "random", keep=9, seed=3) as h:
+        with torch.no_grad(), vlmcut.prune(model, "random", keep=9, seed=3) as h:
             model(x)
         runs.append(h.kept_indices)
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0][0], runs[0][1])  # each image draws its own
     with torch.no_grad():
         ref = model(x).last_hidden_state
-        with flowcut.prune(model, "random", keep=64):
+        with vlmcut.prune(model, "random", keep=64):
             assert torch.equal(model(x).last_hidden_state, ref)

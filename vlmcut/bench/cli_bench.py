@@ -1,0 +1,110 @@
+"""``vlmcut bench``: the efficiency benchmark of :mod:`vlmcut.bench.runner` on the command line.
+
+Registered by ``vlmcut/cli.py`` with ``from .bench.cli_bench import add_parser``; runnable on its own as
+``python -m vlmcut.bench.cli_bench ...`` (same arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+DEFAULT_PRESET = "llava-1.5-7b"
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .runner import print_summary, run_benchmark
+
+    source: str = args.model if args.model is not None else (args.preset or DEFAULT_PRESET)
+    result = run_benchmark(
+        source,
+        methods=tuple(args.methods),
+        keeps=tuple(args.keeps),
+        layers=args.layers,
+        image_size=args.image_size,
+        text_tokens=args.text_tokens,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        decode_tokens=args.decode_tokens,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        device=args.device,
+        oracle=not args.no_oracle,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    paths = result.save(args.out)
+    print_summary(result, paths)
+    if args.strict and any(t.passed is False for t in result.targets):  # n/a targets do not fail
+        return 1
+    return 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``bench`` on ``subparsers`` (from ``parser.add_subparsers()``); sets ``func=_cmd_bench``."""
+    from ..api import available_methods
+    from .presets import list_presets
+
+    p = subparsers.add_parser(
+        "bench",
+        help="efficiency benchmark: TFLOPs, prefill / vision / decode time, memory, vs unpruned and oracle",
+        description=(
+            "Time the unpruned model, every method x keep, and an oracle per keep (FlowCut's gathers replayed "
+            "without scoring), interleaved; write bench.json, bench.md and bench.png into --out. Runs LLaVA-1.5, "
+            "LLaVA-NeXT and Qwen2-VL; methods a model does not support (Qwen2-VL: flowcut, fastv, pdrop, "
+            "sparsevlm only) and budgets a staged method cannot reach are skipped with a note."
+        ),
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "--model", default=None, help="local Hugging Face LLaVA, LLaVA-NeXT or Qwen2-VL directory"
+    )
+    src.add_argument(
+        "--preset",
+        default=None,
+        choices=list_presets(),
+        help=f"model-shape preset with random weights (default {DEFAULT_PRESET})",
+    )
+    p.add_argument("--layers", type=int, default=None, help="shorten the LLM to N decoder layers (CPU runs)")
+    p.add_argument("--methods", nargs="+", default=["flowcut", "random", "grid"], choices=available_methods())
+    p.add_argument("--keeps", nargs="+", type=int, default=[128, 64], help="visual tokens kept per image")
+    p.add_argument(
+        "--image-size",
+        nargs=2,
+        type=int,
+        default=None,
+        metavar=("H", "W"),
+        help="image height and width in pixels (LLaVA-NeXT crops / Qwen2-VL patch grid); default: NeXT the "
+        "paper's 640x427 (w x h), Qwen2-VL 448x448",
+    )
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    p.add_argument("--decode-tokens", type=int, default=8, help="greedy decode steps per prefill (0: skip)")
+    p.add_argument("--text-tokens", type=int, default=65, help="prompt text tokens (default 65, POPE)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="default: float32 on CPU, bfloat16 on CUDA",
+    )
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-oracle", action="store_true", help="skip the oracle rows")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--strict", action="store_true", help="exit with status 1 when a target is missed")
+    p.add_argument("--out", default="vlmcut-bench", help="output directory (default vlmcut-bench)")
+    p.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vlmcut")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Load a local LLaVA, ask it a question, and compare unpruned with pruned answers (``vlmcut run``)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .analysis.overlay import kept_patch_overlay, processed_image
+from .api import prune
+from .bench.timing import StageTimer, StageTimes
+from .models.llava import llava_parts
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_llava(model_dir: str | Path, dtype: str = "float32", attn: str = "sdpa") -> tuple[Any, Any]:
+    """``(model, processor)`` from a local Hugging Face LLaVA directory; never touches the network."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    model = LlavaForConditionalGeneration.from_pretrained(
+        path, local_files_only=True, dtype=DTYPES[dtype], attn_implementation=attn
+    )
+    return model.eval(), processor
+
+
+def build_prompt(processor: Any, question: str) -> str:
+    """The processor's chat template with one image, or LLaVA-1.5's plain format; a prompt that already
+    contains ``<image>`` is used as given."""
+    token = getattr(processor, "image_token", "<image>")
+    if token in question:
+        return question
+    if getattr(processor, "chat_template", None):
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(conversation, add_generation_prompt=True)
+    return f"USER: {token}\n{question} ASSISTANT:"
+
+
+@dataclass
+class Answer:
+    """One generation: decoded answer, visual tokens given to the language model, timings."""
+
+    text: str
+    visual_tokens: int
+    times: StageTimes
+    total_s: float
+    kept_indices: torch.Tensor | None = None
+    tokens_per_layer: list[int] = field(default_factory=list)
+
+
+def _inner(model: Any) -> Any:
+    """The ``LlavaModel`` holding ``vision_tower`` and ``language_model``."""
+    parts = llava_parts(model)
+    if parts is None:
+        raise TypeError(f"{type(model).__name__} is not a LLaVA model")
+    return parts[1]
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Any, processor: Any, images: list[Image.Image], prompts: list[str], max_new_tokens: int
+) -> list[str]:
+    """Greedy answers, one per ``(image, prompt)``; the prompts are padded on the tokenizer's side."""
+    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def ask(
+    model: Any, processor: Any, image: Image.Image, prompt: str, max_new_tokens: int = 32
+) -> tuple[str, StageTimes, float]:
+    """Greedy answer to ``prompt`` about ``image`` with its stage timings."""
+    inner = _inner(model)
+    with StageTimer(inner.vision_tower, inner.language_model) as timer:
+        t0 = time.perf_counter()
+        text = generate_answers(model, processor, [image], [prompt], max_new_tokens)[0]
+        total = time.perf_counter() - t0
+    return text.strip(), timer.times, total
+
+
+def compare(
+    model: Any,
+    processor: Any,
+    image: Image.Image,
+    question: str,
+    keep: int,
+    method: str = "flowcut",
+    max_new_tokens: int = 32,
+    **options: Any,
+) -> tuple[Answer, Answer]:
+    """Answer unpruned, then with ``method`` at ``keep`` tokens; the model is restored afterwards."""
+    prompt = build_prompt(processor, question)
+    text, times, total = ask(model, processor, image, prompt, max_new_tokens)
+    with prune(model, method, keep=keep, **options) as handle:
+        p_text, p_times, p_total = ask(model, processor, image, prompt, max_new_tokens)
+    # Visual tokens the language model reads: the patches the tower saw, plus CLS with the "full" strategy.
+    n_full = handle.num_patches + int(_inner(model).config.vision_feature_select_strategy == "full")
+    base = Answer(text, n_full, times, total)
+    pruned = Answer(
+        p_text,
+        min(keep, n_full),
+        p_times,
+        p_total,
+        kept_indices=handle.kept_indices,
+        tokens_per_layer=handle.tokens_per_layer,
+    )
+    return base, pruned
+
+
+def save_overlay(
+    processor: Any, model: Any, image: Image.Image, kept: torch.Tensor, path: str | Path
+) -> Path:
+    """Write the model's view of ``image`` with the kept patches highlighted."""
+    ip = processor.image_processor
+    pv = ip(images=[image], return_tensors="pt")["pixel_values"][0]
+    ps = _inner(model).config.vision_config.patch_size
+    grid = (pv.shape[-2] // ps, pv.shape[-1] // ps)
+    view = processed_image(pv, ip.image_mean, ip.image_std)
+    out = kept_patch_overlay(view, kept, grid)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out.save(path)
+    return path

@@ -1,0 +1,394 @@
+"""FlowCut: information-flow-aware visual token pruning (NeurIPS 2025).
+
+Pure tensor functions and a small stateful selector; no model plumbing lives here. The model adapters in
+`vlmcut.models` hand the selector each encoder layer's own projected ``q, k, v`` and apply the kept
+indices it returns. Everything follows ``shared/SPEC.md``; where the paper and the authors' release
+disagree, the default follows the release (the published numbers came from it) and the paper's variant
+is an option.
+
+Scores per layer (SPEC "Per-layer scores"), from ``q, k, v`` of shape ``(B, H, T, d)``:
+
+* attention strength ``a``: the global token's softmax attention row over all ``T`` keys, patch columns,
+  averaged over heads (Eq. 1-2);
+* semantic relevance ``s``: softmax over all ``T`` of ``v_g . v_j`` (release: unscaled; paper: / sqrt(d)),
+  patch columns, averaged over heads (Eq. 4);
+* information density ``n``: L1 norm of the head-averaged value vector (Eq. 4);
+* score ``S = (a / sum a + s / sum s) * n`` (Eq. 5), accumulated as ``C = w_h * C + w_c * S`` (Eq. 6).
+
+Only the global token's row of the attention matrix is ever formed: ``O(T)`` per head, so the encoder
+layer keeps its own attention kernel (SDPA / FlashAttention) for the real computation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .llm_base import LLMContext, top_per_image
+
+SemanticScaling = Literal["code", "paper"]
+
+# Table 10 / Eq. 6: the released default weighs history and current score equally.
+DEFAULT_HISTORY_WEIGHT = 0.5
+# Sec. 3.3 / Table 11: prune every second layer.
+DEFAULT_PRUNE_INTERVAL = 2
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_keep(value: object) -> int | float:
+    """``keep``: an int >= 1 (visual tokens per image) or a float ratio in (0, 1] of each image's tokens.
+
+    Ratios are resolved per image by the model adapters that support them (Qwen2-VL / Qwen2.5-VL:
+    ``max(1, round(ratio * merged tokens))``); the others reject them.
+    """
+    if isinstance(value, float):
+        if value > 1.0:  # most likely a count given as a float
+            raise TypeError(
+                f"keep must be an int count or a float ratio in (0, 1] of each image's visual tokens, got "
+                f"keep={value!r}; pass the count as an int (keep={int(value)}) or a ratio such as keep=0.25"
+            )
+        if not value > 0.0:
+            raise ValueError(
+                f"keep={value!r}: a float keep is a ratio of each image's visual tokens and must be in (0, 1]; "
+                f"pass e.g. keep=0.25, or an int count such as keep=64"
+            )
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"keep must be an int >= 1 (visual tokens per image) or a float ratio in (0, 1], "
+            f"got {type(value).__name__} ({value!r})"
+        )
+    if value < 1:
+        raise ValueError(
+            f"keep must be >= 1 (visual tokens per image) or a float ratio in (0, 1], got {value}"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class FlowCutConfig:
+    """Settings of FlowCut.
+
+    Args:
+        keep: number of visual (patch) tokens the language model receives per image (``K``); on
+            Qwen2-VL / Qwen2.5-VL also a float ratio in (0, 1] of each image's merged tokens.
+        semantic_scaling: ``"code"`` (default, the authors' release: ``softmax(v_g . v_j)``) or ``"paper"``
+            (Eq. 4: ``softmax(v_g . v_j / sqrt(d))``).
+        history_weight: weight of the accumulated score in ``C = w_h * C + (1 - w_h) * S`` (Eq. 6,
+            Table 10; default 0.5). ``0`` disables the cumulative tracking.
+        prune_interval: prune when the number of remaining layers before the consumed one is a multiple
+            of this (default 2, Table 11). A value larger than the encoder depth prunes only once, at
+            the last possible layer.
+        feature_layer: for bare vision towers only: the ``hidden_states`` index the caller will read
+            (default ``-1``: the last layer). Composite models (LLaVA) read it from their config.
+    """
+
+    keep: int | float
+    semantic_scaling: SemanticScaling = "code"
+    history_weight: float = DEFAULT_HISTORY_WEIGHT
+    prune_interval: int = DEFAULT_PRUNE_INTERVAL
+    feature_layer: int | None = None
+
+    def __post_init__(self) -> None:
+        check_keep(self.keep)
+        if self.semantic_scaling not in ("code", "paper"):
+            raise ValueError(
+                f"semantic_scaling must be 'code' (the authors' release, unscaled) or 'paper' "
+                f"(divided by sqrt(d)), got {self.semantic_scaling!r}"
+            )
+        w = self.history_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or not 0 <= w < 1:
+            raise ValueError(
+                f"history_weight must be a number in [0, 1) (the current score gets 1 - history_weight; "
+                f"Table 10), got {w!r}"
+            )
+        _check_int("prune_interval", self.prune_interval, 1)
+        if self.feature_layer is not None:
+            _check_int("feature_layer", self.feature_layer, -(10**6))
+
+    @property
+    def current_weight(self) -> float:
+        return 1.0 - self.history_weight
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure score functions
+# --------------------------------------------------------------------------------------------------
+
+
+def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half-precision softmax/entropy are too coarse to rank 500+ tokens; float64 stays float64 so that
+    # the reference comparison with the authors' release is bit-for-bit.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _flat_batch(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (B, H, T, d) as is if its (B, H) dims flatten into one batch dim of a batched matmul, else a
+    contiguous copy. Model adapters pass head views of (B, T, H, d) projections: with B > 1 the einsums
+    below run several times slower on such a view than on one copy (measured on CPU: 3 LLaVA-NeXT crops,
+    ~9 -> ~3 ms per layer), while with B = 1 the copy would only add time."""
+    b, h = t.shape[:2]
+    if b == 1 or h == 1 or t.stride(0) == h * t.stride(1):
+        return t
+    return t.contiguous()
+
+
+def global_query_value(q: torch.Tensor, v: torch.Tensor, has_cls: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global token's query and value: the CLS token's, or the mean over tokens where there is none.
+
+    q, v: ``(B, H, T, d)`` -> ``q_g, v_g``: ``(B, H, d)``.
+    """
+    if has_cls:
+        return q[:, :, 0], v[:, :, 0]
+    return q.mean(dim=2), v.mean(dim=2)
+
+
+def attention_strength(q_g: torch.Tensor, k: torch.Tensor, scale: float, has_cls: bool) -> torch.Tensor:
+    """Global token's attention over the patches, head-averaged, not renormalised (SPEC score 1).
+
+    q_g: ``(B, H, d)``; k: ``(B, H, T, d)`` -> ``(B, N)`` with ``N = T - 1`` if ``has_cls`` else ``T``.
+    """
+    # The release scales the query before the product (CLIPAttention of transformers < 4.48); doing the
+    # same keeps float64 results identical to it.
+    logits = torch.einsum("bhd,bhtd->bht", q_g * scale, k)  # (B, H, T)
+    probs = logits.softmax(dim=-1)
+    if has_cls:
+        probs = probs[..., 1:]
+    return probs.mean(dim=1)
+
+
+def semantic_relevance(
+    v_g: torch.Tensor, v: torch.Tensor, has_cls: bool, scaling: SemanticScaling
+) -> torch.Tensor:
+    """Softmax similarity of each token's value to the global value, head-averaged (SPEC score 2).
+
+    v_g: ``(B, H, d)``; v: ``(B, H, T, d)`` -> ``(B, N)``.
+    """
+    logits = torch.einsum("bhd,bhtd->bht", v_g, v)  # (B, H, T)
+    if scaling == "paper":
+        logits = logits / math.sqrt(v.shape[-1])  # Eq. 4
+    probs = logits.softmax(dim=-1)
+    if has_cls:
+        probs = probs[..., 1:]
+    return probs.mean(dim=1)
+
+
+def information_density(v: torch.Tensor, has_cls: bool) -> torch.Tensor:
+    """L1 norm of the head-averaged value vector of every patch (SPEC score 3). v: ``(B, H, T, d)`` -> ``(B, N)``."""
+    v_mean = v.mean(dim=1)  # (B, T, d)
+    if has_cls:
+        v_mean = v_mean[:, 1:]
+    return v_mean.abs().sum(dim=-1)
+
+
+def combine_scores(a: torch.Tensor, s: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Eq. 5: ``(a / sum a + s / sum s) * n``; all ``(B, N)``."""
+    return (a / a.sum(dim=-1, keepdim=True) + s / s.sum(dim=-1, keepdim=True)) * n
+
+
+def layer_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    has_cls: bool,
+    semantic_scaling: SemanticScaling = "code",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score one encoder layer from its own projections.
+
+    q, k, v: ``(B, H, T, d)`` -> ``(S, a)``, both ``(B, N)``: the combined score and the attention strength
+    (the latter drives the entropy schedule).
+    """
+    dtype = _score_dtype(q.dtype)
+    q, k, v = q.to(dtype), _flat_batch(k.to(dtype)), _flat_batch(v.to(dtype))
+    q_g, v_g = global_query_value(q, v, has_cls)
+    a = attention_strength(q_g, k, scale, has_cls)
+    s = semantic_relevance(v_g, v, has_cls, semantic_scaling)
+    n = information_density(v, has_cls)
+    return combine_scores(a, s, n), a
+
+
+def entropy_ratio(a: torch.Tensor) -> torch.Tensor:
+    """Eq. 2-3: entropy of the renormalised attention over ``N`` patches divided by ``log N``. ``(B, N)`` -> ``(B,)``."""
+    n = a.shape[-1]
+    p = a / a.sum(dim=-1, keepdim=True)
+    entropy = -(p * torch.log(p)).sum(dim=-1)
+    # The release computes log(N) as torch.log(torch.tensor(N)): an integer tensor promoted to the
+    # default float dtype. Matching it keeps prune counts identical when P lands near x.5.
+    log_n = torch.log(torch.tensor(float(n), dtype=torch.get_default_dtype()))
+    return entropy / log_n
+
+
+def prune_count(a: torch.Tensor, remaining: int, keep: int) -> int:
+    """Eq. 3: how many patches to drop now, the maximum over the batch.
+
+    a: ``(B, N)`` attention strength; ``remaining``: layers left before the consumed one (``r > 0``);
+    ``keep``: the target patch count ``K``.
+    """
+    if remaining <= 0:
+        raise ValueError(
+            f"prune_count needs remaining > 0 (at r = 0 everything down to keep is dropped), got {remaining}"
+        )
+    n = a.shape[-1]
+    h = entropy_ratio(a)
+    p = (n - keep) / remaining**0.5 * (1 - h**2)
+    # Batch: every image keeps the same count, the one that prunes most decides (release behaviour).
+    return int(p.max().round())
+
+
+def is_prune_layer(remaining: int, interval: int) -> bool:
+    """SPEC schedule: prune after a layer whose remaining count ``r = F - 1 - i`` is ``>= 0`` and a multiple of the interval."""
+    return remaining >= 0 and remaining % interval == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Stateful selector for one forward pass of a vision encoder
+# --------------------------------------------------------------------------------------------------
+
+
+class FlowCutSelector:
+    """Runs FlowCut's schedule over the layers of one encoder forward.
+
+    The model adapter calls :meth:`start` before the first layer, then :meth:`step` after every layer
+    ``i`` with that layer's ``q, k, v``; ``step`` returns the indices (into the current patch tokens,
+    ascending) to keep, or ``None`` to keep everything.
+    """
+
+    def __init__(self, config: FlowCutConfig, keep: int | None = None) -> None:
+        self.config = config
+        self.keep = config.keep if keep is None else keep
+        self.consume_layer = 0
+        self.cumulative: torch.Tensor | None = None
+
+    def start(self, consume_layer: int) -> None:
+        """``consume_layer``: ``F >= 1``, the encoder layer whose output the model consumes (0-based); the
+        model adapter validates it when it attaches."""
+        self.consume_layer = consume_layer
+        self.cumulative = None
+
+    def needs_scores(self, num_patches: int) -> bool:
+        """Scores are computed at every layer while the sequence is longer than the target (SPEC)."""
+        return num_patches > self.keep
+
+    def step(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        has_cls: bool,
+        group: int = 1,
+    ) -> torch.Tensor | None:
+        """Score layer ``layer`` and maybe prune its output. q, k, v: ``(B, H, T, d)`` -> ``(B, n_keep)`` or None.
+
+        ``group > 1``: the patch tokens come in consecutive runs of ``group`` that are kept or dropped
+        together (Qwen2-VL's 2x2 merge units, SPEC "inconsistent"): a unit's score and attention are the
+        means of its tokens', and ``keep``, the schedule and the returned indices count units.
+        """
+        cfg = self.config
+        with torch.no_grad():
+            scores, a = layer_scores(q.detach(), k.detach(), v.detach(), scale, has_cls, cfg.semantic_scaling)
+            if group > 1:
+                scores = scores.unflatten(-1, (-1, group)).mean(dim=-1)  # (B, N / group)
+                a = a.unflatten(-1, (-1, group)).mean(dim=-1)
+            if self.cumulative is None:
+                self.cumulative = scores
+            else:
+                self.cumulative = cfg.history_weight * self.cumulative + cfg.current_weight * scores
+
+            remaining = self.consume_layer - 1 - layer
+            if not is_prune_layer(remaining, cfg.prune_interval):
+                return None
+            n = scores.shape[-1]
+            dropped = prune_count(a, remaining, self.keep) if remaining > 0 else n
+            n_keep = max(n - dropped, self.keep)
+            idx = torch.topk(self.cumulative, n_keep, dim=-1).indices
+            idx = idx.sort(dim=-1).values  # raster order survives (SPEC: re-sort ascending)
+            self.cumulative = torch.gather(self.cumulative, 1, idx)
+        return idx
+
+
+# --------------------------------------------------------------------------------------------------
+# Second stage inside the language model (LLaVA-NeXT, Qwen2-VL; SPEC "Two-stage pruning")
+# --------------------------------------------------------------------------------------------------
+
+# SPEC: the second stage prunes at the output of decoder layer 1 (the LLM's second layer).
+LLM_STAGE_LAYER = 1
+
+
+def llm_stage_scores(
+    ctx: LLMContext, query: str = "visual_mean", semantic_scaling: SemanticScaling = "code"
+) -> torch.Tensor:
+    """Formula 4 on the visual tokens of every image, with a global query built in the decoder layer.
+
+    ``query="visual_mean"`` (SPEC): the mean of the image's visual queries (and mean value for ``s``);
+    ``"last_text"`` (the authors' LLaVA-NeXT / Qwen2-VL code): the last prompt token's query and value.
+    Softmaxes run over the image's visual keys only. Returns ``(B, T)`` (meaningful at visual columns).
+    """
+    dtype = _score_dtype(ctx.q.dtype)
+    b, h, t, d = ctx.q.shape
+    group = h // ctx.k.shape[1]
+    k = ctx.k.repeat_interleave(group, dim=1).to(dtype)  # (B, H, T, d)
+    v = ctx.v.repeat_interleave(group, dim=1).to(dtype)
+    q = ctx.q.to(dtype)
+    out = torch.zeros(b, t, dtype=dtype, device=q.device)
+    rows = torch.arange(b, device=q.device)
+    n_images = int(ctx.image_index.max()) + 1 if bool(ctx.visual.any()) else 0
+    for img in range(n_images):
+        sel = ctx.visual & (ctx.image_index == img)  # (B, T)
+        if not bool(sel.any()):
+            continue
+        w = sel.to(dtype)[:, None, :, None]  # (B, 1, T, 1)
+        count = sel.sum(dim=1).clamp(min=1).to(dtype)[:, None, None]  # (B, 1, 1)
+        if query == "visual_mean":
+            q_g = (q * w).sum(dim=2) / count  # (B, H, d)
+            v_g = (v * w).sum(dim=2) / count
+        else:
+            q_g = q[rows, :, ctx.query_index]
+            v_g = v[rows, :, ctx.query_index]
+        key_mask = ~sel[:, None, :]
+        a_logits = torch.einsum("bhd,bhtd->bht", q_g * ctx.scale, k).masked_fill(key_mask, float("-inf"))
+        s_logits = torch.einsum("bhd,bhtd->bht", v_g, v)
+        if semantic_scaling == "paper" or query == "last_text":
+            s_logits = s_logits / math.sqrt(d)  # the release's LLM stage scales it too
+        s_logits = s_logits.masked_fill(key_mask, float("-inf"))
+        a = a_logits.softmax(-1).nan_to_num(0.0).mean(1)  # (B, T)
+        s = s_logits.softmax(-1).nan_to_num(0.0).mean(1)
+        n = v.mean(dim=1).abs().sum(-1) * sel  # (B, T)
+        score = (
+            a / a.sum(-1, keepdim=True).clamp_min(1e-30) + s / s.sum(-1, keepdim=True).clamp_min(1e-30)
+        ) * n
+        out = torch.where(sel, score, out)
+    return out
+
+
+class FlowCutLLMSelector:
+    """FlowCut's language-model stage: keep ``keep`` visual tokens per image at the output of layer 1."""
+
+    def __init__(
+        self, keep: int, query: str = "visual_mean", semantic_scaling: SemanticScaling = "code"
+    ) -> None:
+        self.keep = keep
+        self.query = query
+        self.semantic_scaling = semantic_scaling
+
+    def prune_layers(self, num_layers: int, num_visual: int) -> list[int]:
+        return [LLM_STAGE_LAYER] if num_visual > self.keep else []
+
+    def select(self, ctx: LLMContext) -> torch.Tensor | None:
+        if int(ctx.visual_counts().max()) <= self.keep:
+            return None
+        with torch.no_grad():
+            scores = llm_stage_scores(ctx, self.query, self.semantic_scaling)
+        return top_per_image(scores, ctx, self.keep)
