@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
+from zoo_gate import require_zoo
 
-from vlmcut.cli import main
+require_zoo()
 
-pytest.importorskip("onnx")
-pytest.importorskip("gguf")
+from vlmcut.cli import main  # noqa: E402
 
 
 def test_demo_prints_both_runs_and_saves_pictures(tmp_path, capsys) -> None:

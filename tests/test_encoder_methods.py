@@ -13,6 +13,7 @@ import tiny
 import torch
 
 import vlmcut
+from vlmcut.compat import image_features
 from vlmcut.methods.fastervlm import FasterVLMConfig, FasterVLMSelector, global_attention
 from vlmcut.methods.visionzip import (
     VisionZipConfig,
@@ -336,7 +337,7 @@ def test_llava_features_match_the_naive_reference(proc, method) -> None:
     assert h.kept_indices.shape == (2, keep)
     assert torch.equal(h.kept_indices, recorded)
     assert h.tokens_per_layer == [N, N, keep, keep]  # cut at the output of layer F = 2
-    image_states = out.image_hidden_states.reshape(2, keep, -1)
+    image_states = image_features(out).reshape(2, keep, -1)
     torch.testing.assert_close(image_states, expected, rtol=0, atol=1e-12)
 
 
@@ -380,7 +381,7 @@ def test_llava_full_strategy_counts_cls_as_one_of_k(proc) -> None:
     inputs = full_proc(images=tiny.images(1, 3), text=[PROMPTS[0]], return_tensors="pt")
     with torch.no_grad(), vlmcut.prune(model, "visionzip", keep=8) as h:
         out = model(**inputs)
-    assert out.image_hidden_states.reshape(-1, out.image_hidden_states.shape[-1]).shape[0] == 8
+    assert image_features(out).shape[0] == 8
     assert h.kept_indices.shape == (1, 7)  # CLS + 6 dominant + 1 contextual (default_split(7))
     with pytest.raises(ValueError, match="lower contextual"):
         vlmcut.prune(model, "visionzip", keep=8, contextual=8)

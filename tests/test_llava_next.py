@@ -18,6 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 import vlmcut
+from vlmcut.compat import image_features
 from vlmcut.methods.flowcut import FlowCutConfig, FlowCutSelector
 from vlmcut.models.llava_next import LlavaNextAttachment, crop_budgets
 
@@ -181,7 +182,7 @@ def test_counts_and_budgets(proc) -> None:
     assert rows == 16  # the 2 x 2 grid: 16 rows, 10 columns after unpadding
     assert [int((unpruned[0][:, 0] < 0).sum())] == [6]  # 1 x 2 grid: 6 rows of 8
     # exactly `length` placeholders per image reach the language model
-    assert out.image_hidden_states.shape[0] == sum(lengths)
+    assert image_features(out).shape[0] == sum(lengths)
     assert pos.visual.sum(dim=1).tolist() == lengths
     assert pos.prunable.sum(dim=1).tolist() == [im.num_content for im in rec.images]
     assert pos.target.tolist() == [min(keep, im.num_content) for im in rec.images]
@@ -245,7 +246,7 @@ def test_layout_equals_unpruned_packing_of_the_kept_tokens(proc) -> None:
         assert not bool(torch.isnan(im.features).any())
     emptied = sum(int((im.is_newline[1:] & im.is_newline[:-1]).sum()) for im in rec.images)
     assert emptied > 0
-    torch.testing.assert_close(out.image_hidden_states, torch.cat([o[0] for o in oracle]))
+    torch.testing.assert_close(image_features(out), torch.cat([o[0] for o in oracle]))
     assert out.logits.shape == ref.shape
     mask = compact["attention_mask"].bool()
     torch.testing.assert_close(out.logits[mask], ref[mask], rtol=1e-5, atol=1e-5)

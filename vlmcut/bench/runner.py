@@ -76,6 +76,7 @@ import torch
 from torch import nn
 
 from ..api import METHODS, MethodSpec, _prune, available_methods, prune
+from ..compat import CACHE_KWARG, cache_from_output
 from ..methods.flowcut import FlowCutConfig
 from ..methods.llm_base import LLMContext, LLMSelection
 from ..models.llava import LlavaAttachment, compact_prompt, placeholder_drop_mask
@@ -852,7 +853,7 @@ def _measure(
             prefill = time.perf_counter() - t0
             peak = memory.stop()
         select_s, select_calls = clock.seconds(), clock.calls
-        cache = out.past_key_values
+        cache = cache_from_output(out)
         kv = cache_bytes(cache)
         decode: float | None = None
         if decode_tokens > 0:
@@ -861,10 +862,10 @@ def _measure(
             for _ in range(decode_tokens):
                 _sync(device)
                 t0 = time.perf_counter()
-                step = model(input_ids=token, past_key_values=cache, **extra)
+                step = model(input_ids=token, **{CACHE_KWARG: cache}, **extra)
                 _sync(device)
                 steps.append(time.perf_counter() - t0)
-                cache = step.past_key_values
+                cache = cache_from_output(step)
                 token = step.logits[:, -1].argmax(dim=-1, keepdim=True)
             decode = statistics.median(steps)
     return _Sample(

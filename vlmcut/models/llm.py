@@ -13,7 +13,7 @@ at each of them, which visual tokens stay. :class:`DecoderPruner` does the plumb
   positions) and a 4-D mask built from the original positions (causal, padding and fillers masked);
 * the model output: ``last_hidden_state`` is scattered back to the caller's length (zeros at dropped
   positions), so ``logits``/``labels`` keep their shapes and the last position is still the last token;
-* decoding (same ``past_key_values`` object as the prefill): layers after a prune layer hold fewer cached
+* decoding (same cache object as the prefill, ``cache`` / ``past_key_values`` by release): layers after a prune layer hold fewer cached
   keys than layer 0; their mask is rebuilt from the prefill's kept-key validity plus the new tokens' part
   of the mask transformers made. Positions of new tokens continue the full numbering (``cache_position``
   comes from layer 0's cache length), so RoPE is what the unpruned model would use.
@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..compat import cache_from_kwargs, cache_from_output
 from ..methods.llm_base import LLMContext, LLMSelection, LLMSelector
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
@@ -153,7 +154,7 @@ class DecoderPruner:
         ids = kwargs.get("input_ids", args[0] if args else None)
         length = embeds.shape[1] if embeds is not None else (ids.shape[1] if ids is not None else 0)
         pending, self._pending = self._pending, None
-        cache = kwargs.get("past_key_values")
+        cache = cache_from_kwargs(kwargs)
         self._pass = None
         self._decoding = False
         if pending is not None and pending["visual"].shape[1] == length and bool(pending["visual"].any()):
@@ -362,6 +363,10 @@ class DecoderPruner:
     def _on_end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         state, self._pass = self._pass, None
         self._decoding = False
+        if state is not None and self._cache_ref is None:
+            # the decoder made its own cache (use_cache without one passed in): decoding continues with it
+            cache = cache_from_output(output)
+            self._cache_ref = weakref.ref(cache) if cache is not None else None
         if state is None or not self._stages:
             return None
         final = self._stages[-1]

@@ -58,6 +58,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..compat import VIDEO_LLAVA_IMAGES_KWARG
 from ..methods.llm_base import LLMSelector
 from .llava import (
     call_inputs,
@@ -353,6 +354,8 @@ class VideoLlavaAttachment:
         """Placeholder counts for this call's images / videos (``None`` without either); also points the video
         tower at this call's per-frame budget."""
         images = inputs.get("pixel_values")
+        if images is None:  # the name before transformers 5.23 (compat.VIDEO_LLAVA_IMAGES_KWARG)
+            images = inputs.get("pixel_values_images")
         videos = inputs.get("pixel_values_videos")
         if images is None and videos is None:
             return None
@@ -433,7 +436,7 @@ class VideoLlavaAttachment:
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         inputs = call_inputs(self._signature, args, kwargs)
         renamed = inputs.get("pixel_values_images") is not None and inputs.get("pixel_values") is None
-        if renamed:  # the deprecated name: upstream renames it after this hook, so do it here
+        if renamed:  # one name inside this hook; the release's own name goes back out (below)
             inputs["pixel_values"] = inputs.pop("pixel_values_images")
         plan = self.plan(inputs)
         final, changed = inputs, renamed
@@ -467,7 +470,12 @@ class VideoLlavaAttachment:
                 )
             else:
                 self._last_layout = None
-        return ((), final) if changed else None
+        if not changed:
+            return None
+        if VIDEO_LLAVA_IMAGES_KWARG != "pixel_values" and final.get("pixel_values") is not None:
+            final = dict(final)
+            final[VIDEO_LLAVA_IMAGES_KWARG] = final.pop("pixel_values")
+        return (), final
 
     @contextmanager
     def _generate_session(self, kwargs: dict[str, Any], result: tuple | None) -> Iterator[None]:

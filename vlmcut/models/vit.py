@@ -202,6 +202,10 @@ class EncoderPruner:
         self._orig_idx: torch.Tensor | None = None
         self._tokens: list[int] = []
         self._num_patches0 = 0
+        # Activation checkpointing re-runs a layer during backward, outside the tower's forward: it must
+        # repeat the recorded choice (same input -> same output), not score again.
+        self._in_pass = False
+        self._decisions: dict[int, tuple[tuple[int, ...], torch.Tensor | TokenMerge]] = {}
         self._install()
 
     # -- hooks ---------------------------------------------------------------------------------------
@@ -219,8 +223,11 @@ class EncoderPruner:
         self.selector.start(self.consume_layer)
         self._orig_idx = None
         self._tokens = []
+        self._in_pass = True
+        self._decisions = {}
 
     def _on_tower_end(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._in_pass = False
         self.record = EncoderPassRecord(
             kept_indices=self._orig_idx, tokens_per_layer=list(self._tokens), num_patches=self._num_patches0
         )
@@ -233,6 +240,8 @@ class EncoderPruner:
                     "token pruning inside a vision tower that receives an attention mask is not supported; "
                     "call the tower without attention_mask"
                 )
+            if not self._in_pass:  # a checkpointed layer recomputed in backward: see _make_layer_post
+                return
             hidden = args[0] if args else kwargs["hidden_states"]
             if i == 0 or self._orig_idx is None:
                 n = hidden.shape[1] - int(self.spec.has_cls)
@@ -260,6 +269,8 @@ class EncoderPruner:
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             hidden, rebuild = _split_output(output)
             qkv, self._qkv, self._armed = self._qkv, {}, None
+            if not self._in_pass:
+                return self._replay(i, hidden, rebuild)
             n_patches = hidden.shape[1] - int(spec.has_cls)
             result = None
             if self.selector.needs_scores(n_patches):
@@ -270,6 +281,8 @@ class EncoderPruner:
                     )
                 q, k, v = (self._heads(qkv[n]) for n in ("q_proj", "k_proj", "v_proj"))
                 idx = self.selector.step(i, q, k, v, spec.scales[i], spec.has_cls)
+                if idx is not None:
+                    self._decisions[i] = (tuple(hidden.shape), idx)
                 if isinstance(idx, torch.Tensor):
                     hidden = _gather_tokens(hidden, idx, spec.has_cls)
                     self._orig_idx = torch.gather(self._orig_idx, 1, idx)
@@ -284,11 +297,21 @@ class EncoderPruner:
 
         return hook
 
+    def _replay(self, i: int, hidden: torch.Tensor, rebuild: Callable[[torch.Tensor], Any]) -> Any:
+        """Layer ``i`` run again outside a tower pass (checkpoint recompute): apply the recorded choice."""
+        shape, decision = self._decisions.get(i, (None, None))
+        if decision is None or tuple(hidden.shape) != shape:
+            return None
+        if isinstance(decision, torch.Tensor):
+            return rebuild(_gather_tokens(hidden, decision, self.spec.has_cls))
+        return rebuild(_merge_tokens(hidden, decision, self.spec.has_cls))
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self._qkv = {}
+        self._decisions = {}
 
 
 def _gather_tokens(hidden: torch.Tensor, idx: torch.Tensor, has_cls: bool) -> torch.Tensor:

