@@ -229,3 +229,26 @@ def test_errors_are_actionable() -> None:
             model(**inputs)
     with pytest.raises(ValueError, match="ratio"):
         vlmcut.prune(model, "pdrop", keep=8, ratio=1.5)
+
+
+@pytest.mark.parametrize(("method", "options"), LLM_METHODS)
+def test_row_without_an_image_decodes_as_alone(proc, method, options) -> None:
+    """A left-padded batch where one row has no image: both rows decode what they decode alone (transformers
+    5.24 hands the decoder its cache as ``cache=``; reading only ``past_key_values`` broke exactly this)."""
+    model = tiny.llava(seed=5, text_layers=TEXT_LAYERS)
+    prompts = ["USER: <image> what is in the image ? ASSISTANT:", "USER: say something short ? ASSISTANT:"]
+    inputs = _inputs(proc, prompts, seed=5)
+    # a random model may emit <image>, which a re-fed prompt (no cache) would then count as an image
+    suppress = [model.config.image_token_id]
+    kwargs = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "suppress_tokens": suppress}
+    with torch.no_grad(), vlmcut.prune(model, method, keep=12, **options) as h:
+        batch = model.generate(**inputs, **kwargs)
+        assert h.llm_record.kept_positions  # the image row was pruned in the decoder
+        alone_image = model.generate(**_inputs(proc, prompts[:1], seed=5), **kwargs)
+        text = proc(text=prompts[1:], return_tensors="pt")
+        alone_text = model.generate(**text, **kwargs)
+        uncached = model.generate(**inputs, use_cache=False, **kwargs)
+    assert torch.equal(batch, uncached)
+    width = inputs["input_ids"].shape[1]
+    assert torch.equal(batch[0, width:], alone_image[0, alone_image.shape[1] - 6 :])
+    assert torch.equal(batch[1, width:], alone_text[0, alone_text.shape[1] - 6 :])
