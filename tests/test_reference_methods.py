@@ -55,3 +55,21 @@ def test_random_is_seeded_and_identity_at_keep_all() -> None:
         ref = model(x).last_hidden_state
         with vlmcut.prune(model, "random", keep=64):
             assert torch.equal(model(x).last_hidden_state, ref)
+
+
+def test_random_draw_of_an_image_does_not_depend_on_its_batch_or_call_order() -> None:
+    model = tiny.clip_tower()
+    x = tiny.pixels(4, seed=9)
+    with torch.no_grad(), vlmcut.prune(model, "random", keep=9, seed=3) as h:
+        model(x)
+        batched = h.kept_indices
+        model(x[2:3])  # a call in between must not move the draws of later calls
+        singles = []
+        for i in reversed(range(4)):
+            model(x[i : i + 1])
+            singles.insert(0, h.kept_indices)
+    assert torch.equal(batched, torch.cat(singles))
+    assert len({tuple(r.tolist()) for r in batched}) == 4  # still a draw per image
+    with torch.no_grad(), vlmcut.prune(model, "random", keep=9, seed=4) as h:
+        model(x)
+    assert not torch.equal(h.kept_indices, batched)  # another seed, another draw

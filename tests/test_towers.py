@@ -41,25 +41,30 @@ def test_matches_release_float64(attn: str, keep: int, seed: int) -> None:
     model = tiny.clip_tower(layers=layers, attn=attn, seed=seed)
     x = tiny.pixels(3, seed=seed)
     with torch.no_grad():
-        ref_states, ref_keep = release_forward(model, x, keep=keep, select_layer=layers - 2)
         with vlmcut.prune(model, "flowcut", keep=keep, feature_layer=-2) as h:
             out = model(x, output_hidden_states=True)
             kept = h.kept_indices
-    assert torch.equal(kept, ref_keep)
-    assert len(out.hidden_states) == len(ref_states)
+        # the release runs one image at a time (its batch-max counts are not reproduced, SPEC)
+        refs = [release_forward(model, x[b : b + 1], keep=keep, select_layer=layers - 2) for b in range(3)]
+    assert torch.equal(kept, torch.cat([ref_keep for _, ref_keep in refs]))
     # transformers' eager kernel takes its softmax in float32 even for float64 inputs (the unpruned model
     # is 1e-8 off the float64 reference too); SDPA stays in float64.
     atol = 1e-6 if attn == "eager" else 1e-12
-    for ours, ref in zip(out.hidden_states, ref_states, strict=True):
-        assert ours.shape == ref.shape
-        torch.testing.assert_close(ours, ref, rtol=0, atol=atol)
+    for b, (ref_states, _) in enumerate(refs):
+        assert len(out.hidden_states) == len(ref_states)
+        for ours, ref in zip(out.hidden_states, ref_states, strict=True):
+            t = ref.shape[1]  # images that keep fewer tokens than a neighbour are right-padded with zeros
+            torch.testing.assert_close(ours[b : b + 1, :t], ref, rtol=0, atol=atol)
+            assert not bool(ours[b, t:].any())
+    # the layers a VLM consumes hold exactly K patches (+ CLS) for every image
+    assert out.hidden_states[-2].shape[1] == out.hidden_states[-1].shape[1] == keep + 1
 
 
 def test_schedule_counts_follow_entropy_rule() -> None:
     """Recompute the expected count after every layer from the published formula (SPEC "Schedule")."""
     layers, keep = 10, 6
     model = tiny.clip_tower(layers=layers, seed=3)
-    x = tiny.pixels(2, seed=3)
+    x = tiny.pixels(2, seed=3)[1:]
     consume = layers - 1  # feature_layer=-1 reads the last layer's output
     with torch.no_grad():
         states, _ = release_forward(model, x, keep=keep, select_layer=consume)
@@ -170,21 +175,49 @@ def test_batch_of_identical_images_equals_one_image() -> None:
         torch.testing.assert_close(row, one[0], rtol=0, atol=1e-12)
 
 
-def test_batch_uses_max_prune_count() -> None:
-    """With different images, every image keeps the same count: the batch's most aggressive one."""
-    model = tiny.clip_tower(layers=10, seed=5)
+@pytest.mark.parametrize("builder", [tiny.clip_tower, tiny.siglip_tower, tiny.dinov2_tower])
+def test_each_image_of_a_batch_gets_what_it_gets_alone(builder) -> None:
+    """SPEC: Eq. 3 per image. Images that disagree on their counts keep, in a batch, the tokens and the
+    features they keep alone (the release's batch maximum made them depend on their neighbours)."""
+    model = builder(layers=10, seed=5)
     xs = tiny.pixels(3, seed=5)
     with torch.no_grad(), vlmcut.prune(model, "flowcut", keep=6) as h:
         singles = []
         for i in range(3):
-            model(xs[i : i + 1])
-            singles.append(h.tokens_per_layer)
-        model(xs)
-        batched = h.tokens_per_layer
-    # Layer 0 is the first prune step (r = 8): there the batch count is the smallest single count.
-    firsts = [c[0] for c in singles]
-    assert len(set(firsts)) > 1, firsts  # the images really disagree
-    assert batched[0] == min(firsts)
+            out = model(xs[i : i + 1], output_hidden_states=True)
+            singles.append((h.kept_indices, h.tokens_per_layer, out))
+        batched = model(xs, output_hidden_states=True)
+        kept, counts = h.kept_indices, h.tokens_per_layer
+    firsts = [c[0] for _, c, _ in singles]
+    if builder is tiny.clip_tower:
+        assert len(set(firsts)) > 1, firsts  # the images really disagree at the first prune step
+    assert torch.equal(kept, torch.cat([k for k, _, _ in singles]))
+    assert counts == [max(c) for c in zip(*(c for _, c, _ in singles), strict=True)]
+    for i, (_, _, alone) in enumerate(singles):
+        torch.testing.assert_close(
+            batched.last_hidden_state[i : i + 1], alone.last_hidden_state, rtol=0, atol=0
+        )
+        for ours, ref in zip(batched.hidden_states, alone.hidden_states, strict=True):
+            torch.testing.assert_close(ours[i : i + 1, : ref.shape[1]], ref, rtol=0, atol=0)
+
+
+def test_a_nan_image_does_not_stop_its_batch() -> None:
+    """Eq. 2 at p = 0 is exact (0 log 0 = 0), and a non-finite image prunes nothing early, row by row."""
+    from vlmcut.methods.flowcut import entropy_ratio, prune_count
+
+    assert torch.isfinite(entropy_ratio(torch.tensor([[0.5, 0.5, 0.0, 0.0]]))).all()
+    torch.testing.assert_close(entropy_ratio(torch.tensor([[0.5, 0.5, 0.0, 0.0]])), torch.tensor([0.5]))
+    a = torch.tensor([[0.5, 0.5, 0.0, 0.0], [float("nan"), 0.2, 0.3, 0.5], [0.0, 0.0, 0.0, 0.0]])
+    assert prune_count(a, remaining=1, keep=1).tolist() == [round(3 * 0.75), 0, 0]
+    model = tiny.clip_tower(layers=6, seed=4)
+    xs = tiny.pixels(3, seed=4)
+    xs[1] = float("nan")
+    with torch.no_grad(), vlmcut.prune(model, "flowcut", keep=6) as h:
+        out = model(xs).last_hidden_state
+        assert h.kept_indices.shape == (3, 6)
+        alone = model(xs[2:]).last_hidden_state
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[2]).all()
+    torch.testing.assert_close(out[2:], alone, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("builder", [tiny.clip_tower, tiny.siglip_tower, tiny.dinov2_tower])

@@ -90,6 +90,55 @@ def available_methods() -> list[str]:
     return sorted(METHODS)
 
 
+def _pruned_relative(model: nn.Module) -> str | None:
+    """Why ``model`` cannot be pruned now: it, a module inside it, or a module holding it carries a handle."""
+    for other, handle in list(_ATTACHED.items()):
+        if other is model:
+            return f"this model already has {handle!r}; call handle.remove() before pruning it again"
+        if any(m is model for m in other.modules()):
+            return (
+                f"this {type(model).__name__} is part of a {type(other).__name__} that is already pruned "
+                f"({handle!r}); prune one of them only, or call that handle's remove() first"
+            )
+        if any(m is other for m in model.modules()):
+            return (
+                f"this {type(model).__name__} contains a {type(other).__name__} that is already pruned "
+                f"({handle!r}); prune one of them only, or call that handle's remove() first"
+            )
+    return None
+
+
+def _guard_copies(model: nn.Module) -> Callable[[], None]:
+    """Make ``copy.deepcopy`` and pickling (``torch.save(model)``) of this pruned instance fail with a message
+    that says what to do: a copy would carry hooks bound to the original's state that no handle can remove.
+    Both look these names up on the instance, so nothing is set on a class. Returns the undo function."""
+    names = ("__deepcopy__", "__reduce_ex__")
+    before = {n: model.__dict__[n] for n in names if n in model.__dict__}
+
+    def refuse_copy(memo: Any = None) -> Any:
+        raise RuntimeError(
+            f"copy.deepcopy of a pruned {type(model).__name__}: the copy would share the pruning hooks of the "
+            f"original. Call handle.remove(), copy the model, then vlmcut.prune() each copy"
+        )
+
+    def refuse_pickle(protocol: Any = None) -> Any:
+        raise TypeError(
+            f"a pruned {type(model).__name__} cannot be pickled (torch.save(model) / pickle): save its weights "
+            f"with model.state_dict() or model.save_pretrained(dir) (pruning is not part of the weights; call "
+            f"vlmcut.prune() again after loading), or call handle.remove() first"
+        )
+
+    model.__dict__["__deepcopy__"] = refuse_copy
+    model.__dict__["__reduce_ex__"] = refuse_pickle
+
+    def undo() -> None:
+        for n in names:
+            model.__dict__.pop(n, None)
+        model.__dict__.update(before)
+
+    return undo
+
+
 class PruneHandle:
     """What :func:`prune` returns. Side results of the last forward live here, never on the model.
 
@@ -101,6 +150,7 @@ class PruneHandle:
         self.method = method
         self.config = config
         self._attachment: _Attachment | None = attachment
+        self._unguard = _guard_copies(model)
         self._final: EncoderPassRecord | None = None  # the last record, kept after remove()
         self._final_llm: Any = None
 
@@ -149,6 +199,7 @@ class PruneHandle:
         try:
             self._attachment.remove()
         finally:
+            self._unguard()
             self._attachment = None
             if _ATTACHED.get(self.model) is self:
                 del _ATTACHED[self.model]
@@ -224,10 +275,9 @@ def _prune(
     time themselves); ``method`` names it in the handle."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if model in _ATTACHED:
-        raise RuntimeError(
-            f"this model already has {_ATTACHED[model]!r}; call handle.remove() before pruning it again"
-        )
+    conflict = _pruned_relative(model)
+    if conflict is not None:
+        raise RuntimeError(conflict)
     from .models.qwen2_vl import attach_qwen, qwen_parts
 
     is_qwen = qwen_parts(model) is not None

@@ -219,21 +219,28 @@ def layer_scores(
 
 
 def entropy_ratio(a: torch.Tensor) -> torch.Tensor:
-    """Eq. 2-3: entropy of the renormalised attention over ``N`` patches divided by ``log N``. ``(B, N)`` -> ``(B,)``."""
+    """Eq. 2-3: entropy of the renormalised attention over ``N`` patches divided by ``log N``. ``(B, N)`` -> ``(B,)``.
+
+    ``p log p`` is taken as 0 where ``p = 0`` (its limit), so peaked attention with exact zeros gives a finite
+    ratio. A row whose attention is not finite, or sums to 0, gives NaN: :func:`prune_count` decides what
+    that row does, without touching the other rows.
+    """
     n = a.shape[-1]
     p = a / a.sum(dim=-1, keepdim=True)
-    entropy = -(p * torch.log(p)).sum(dim=-1)
+    entropy = -torch.special.xlogy(p, p).sum(dim=-1)
     # The release computes log(N) as torch.log(torch.tensor(N)): an integer tensor promoted to the
     # default float dtype. Matching it keeps prune counts identical when P lands near x.5.
     log_n = torch.log(torch.tensor(float(n), dtype=torch.get_default_dtype()))
     return entropy / log_n
 
 
-def prune_count(a: torch.Tensor, remaining: int, keep: int) -> int:
-    """Eq. 3: how many patches to drop now, the maximum over the batch.
+def prune_count(a: torch.Tensor, remaining: int, keep: int) -> torch.Tensor:
+    """Eq. 3: how many patches to drop now, per image. ``(B, N)`` -> ``(B,)`` long.
 
     a: ``(B, N)`` attention strength; ``remaining``: layers left before the consumed one (``r > 0``);
-    ``keep``: the target patch count ``K``.
+    ``keep``: the target patch count ``K``. Each image gets what it would get alone (SPEC: per image). An
+    image whose attention is not finite (a NaN image) drops nothing here; the last step (``r = 0``) still
+    brings it to ``K``, so the batch keeps running and its other images are unaffected.
     """
     if remaining <= 0:
         raise ValueError(
@@ -241,9 +248,9 @@ def prune_count(a: torch.Tensor, remaining: int, keep: int) -> int:
         )
     n = a.shape[-1]
     h = entropy_ratio(a)
+    h = torch.where(torch.isfinite(h), h.clamp(0.0, 1.0), torch.ones_like(h))
     p = (n - keep) / remaining**0.5 * (1 - h**2)
-    # Batch: every image keeps the same count, the one that prunes most decides (release behaviour).
-    return int(p.max().round())
+    return p.round().long()
 
 
 def is_prune_layer(remaining: int, interval: int) -> bool:
@@ -263,6 +270,9 @@ class FlowCutSelector:
     ``i`` with that layer's ``q, k, v``; ``step`` returns the indices (into the current patch tokens,
     ascending) to keep, or ``None`` to keep everything.
     """
+
+    # Counts differ per image (Eq. 3 per image, SPEC): a batch is scored one image at a time.
+    per_image_passes = True
 
     def __init__(self, config: FlowCutConfig, keep: int | None = None) -> None:
         self.config = config
@@ -311,9 +321,20 @@ class FlowCutSelector:
             if not is_prune_layer(remaining, cfg.prune_interval):
                 return None
             n = scores.shape[-1]
-            dropped = prune_count(a, remaining, self.keep) if remaining > 0 else n
-            n_keep = max(n - dropped, self.keep)
-            idx = torch.topk(self.cumulative, n_keep, dim=-1).indices
+            if remaining > 0:
+                counts = (n - prune_count(a, remaining, self.keep)).clamp(min=self.keep)  # (B,)
+                n_keep = int(counts[0])
+                if bool((counts != n_keep).any()):
+                    raise ValueError(
+                        f"layer {layer}: the images of this batch keep different counts "
+                        f"({counts.tolist()}); FlowCut's counts are per image, so score one image per "
+                        f"step (the model adapters run the tower one image at a time)"
+                    )
+            else:
+                n_keep = self.keep
+            # a NaN score (a NaN image) must not win the top-k: it ranks last
+            cumulative = torch.nan_to_num(self.cumulative, nan=-math.inf)
+            idx = torch.topk(cumulative, n_keep, dim=-1).indices
             idx = idx.sort(dim=-1).values  # raster order survives (SPEC: re-sort ascending)
             self.cumulative = torch.gather(self.cumulative, 1, idx)
         return idx

@@ -21,8 +21,8 @@ class RandomConfig:
 
     Args:
         keep: visual tokens per image for the consumer.
-        seed: seed of the handle's generator; the draws advance with every forward, so a run is
-            reproducible given the same sequence of calls.
+        seed: each image's draw is seeded by ``seed`` and a checksum of the image's pixels, so an image
+            keeps the same patches alone, in any batch and in any call order (another seed, another draw).
         feature_layer: for bare vision towers, the ``hidden_states`` index the caller reads (default -1).
     """
 
@@ -118,12 +118,24 @@ class _AttentionFreeSelector(OneShotSelector):
 
 
 class RandomSelector(_AttentionFreeSelector):
+    """One draw per image, from a generator seeded by the config's seed and the image's key."""
+
     def __init__(self, config: RandomConfig, keep: int) -> None:
         super().__init__(keep)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.seed = config.seed
+        # per-image keys of the current call (the model adapter sets a checksum of each image's pixels);
+        # without keys an image's key is its position in the batch
+        self.image_keys: list[int] | None = None
 
     def choose(self, batch: int, num_patches: int, device: torch.device) -> torch.Tensor:
-        scores = torch.rand(batch, num_patches, generator=self.generator)
+        keys = (
+            self.image_keys if self.image_keys is not None and len(self.image_keys) == batch else range(batch)
+        )
+        rows = []
+        for key in keys:
+            generator = torch.Generator().manual_seed((self.seed * 0x9E3779B1 + int(key)) % (1 << 62))
+            rows.append(torch.rand(num_patches, generator=generator))
+        scores = torch.stack(rows)
         return scores.topk(self.keep, dim=-1).indices.sort(dim=-1).values.to(device)
 
 

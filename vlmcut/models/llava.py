@@ -18,6 +18,7 @@ features go into them in order (``masked_scatter``), exactly as upstream.
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -163,14 +164,29 @@ def wrap_generate(
     prompt is compacted once; ``max_length`` / ``min_length`` (which count the prompt) are shortened by the
     same amount so the same number of new tokens is generated; ``session(kwargs, result)`` is entered around
     the original call (the attachment's per-generate state); the returned sequences get the caller's own
-    ``input_ids`` back in front, so ``out[:, inputs["input_ids"].shape[1]:]`` is still the answer.
+    ``input_ids`` back in front (each row repeated ``num_return_sequences`` times, as generate repeats it), so
+    ``out[:, inputs["input_ids"].shape[1]:]`` is still the answer. A second concurrent call (another thread)
+    on the same model is refused with a ``RuntimeError``: the attachment holds per-generate state.
     """
     if not hasattr(outer, "generate"):
         return lambda: None
     had_attr = "generate" in vars(outer)
     original = outer.generate
+    # The attachment keeps per-generate state (prompt length, counts): one generate at a time per model.
+    busy = threading.Lock()
 
     def generate(*args: Any, **kwargs: Any) -> Any:
+        if not busy.acquire(blocking=False):
+            raise RuntimeError(
+                "this pruned model is already running generate() (in another thread); a pruned model keeps "
+                "per-call state, so generate with one model per thread or wait for the first call to return"
+            )
+        try:
+            return _generate(*args, **kwargs)
+        finally:
+            busy.release()
+
+    def _generate(*args: Any, **kwargs: Any) -> Any:
         if args and isinstance(args[0], torch.Tensor) and "input_ids" not in kwargs:
             kwargs["input_ids"], args = args[0], args[1:]
         elif isinstance(kwargs.get("inputs"), torch.Tensor) and "input_ids" not in kwargs:
@@ -186,9 +202,13 @@ def wrap_generate(
                 new_kwargs[name] = new_kwargs[name] - (caller_ids.shape[1] - new_len)
         with session(kwargs, result):
             out = original(*args, **new_kwargs)
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        # num_return_sequences / beams: generate repeats each prompt row in place (repeat_interleave)
+        rows = caller_ids.repeat_interleave(sequences.shape[0] // caller_ids.shape[0], dim=0)
+        full = torch.cat([rows, sequences[:, new_len:]], dim=1)
         if isinstance(out, torch.Tensor):
-            return torch.cat([caller_ids, out[:, new_len:]], dim=1)
-        out.sequences = torch.cat([caller_ids, out.sequences[:, new_len:]], dim=1)
+            return full
+        out.sequences = full
         return out
 
     generate.__doc__ = getattr(original, "__doc__", None)
@@ -293,6 +313,7 @@ class LlavaAttachment:
         self.decoder = DecoderPruner(inner.language_model, llm_selector) if llm_selector is not None else None
         self._prompt_len: int | None = None
         self._gen_kept: int | None = None  # kept placeholders per image, while generate() runs
+        self._generating = False  # inside our generate(): its forwards see the prompt already cut
         self._last_layout: tuple[dict[str, torch.Tensor], int] | None = None
         self._signature = inspect.signature(self.outer.forward)
         self._handles: list[RemovableHandle] = [
@@ -308,7 +329,13 @@ class LlavaAttachment:
                 "pixel_values must be a (num_images, C, H, W) tensor as the LLaVA processor makes it"
             )
         lay = self.layout
-        n_patches = (pixel_values.shape[-2] // lay.patch_size) * (pixel_values.shape[-1] // lay.patch_size)
+        height, width = pixel_values.shape[-2:]
+        if height % lay.patch_size or width % lay.patch_size:
+            raise ValueError(
+                f"pixel_values are {height}x{width} pixels, not a multiple of the vision tower's patch size "
+                f"{lay.patch_size}; prepare images with the model's processor"
+            )
+        n_patches = (height // lay.patch_size) * (width // lay.patch_size)
         per_image = n_patches + lay.has_cls - lay.has_cls_dropped
         if self.keep_patches is None:
             return per_image, per_image
@@ -332,12 +359,13 @@ class LlavaAttachment:
             return None
         n_images = pixel_values.shape[0]
         total = int((ids == self.image_token_id).sum())
-        if total == n_images * kept:
-            return None  # already compact (a call from our own generate)
+        if total == n_images * kept and self._generating:
+            return None  # already compact: a forward of our own generate (its prompt was cut once)
         if total != n_images * per_image:
             raise ValueError(
                 f"input_ids hold {total} image placeholders for {n_images} image(s); expected "
-                f"{per_image} per image. Pass the processor's output unchanged."
+                f"{per_image} per image. Pass the processor's output unchanged: one <image> per image in the "
+                f"text, and the processor expands each."
             )
         drop = placeholder_drop_mask(ids, self.image_token_id, per_image, kept)
         return compact_prompt(inputs, drop, self.pad_token_id)
@@ -374,11 +402,13 @@ class LlavaAttachment:
         else:
             ids = kwargs.get("input_ids")
             self._prompt_len = ids.shape[1] if isinstance(ids, torch.Tensor) else None
+        self._generating = True
         try:
             yield
         finally:
             self._prompt_len = None
             self._gen_kept = None
+            self._generating = False
 
     # -- handle interface -------------------------------------------------------------------------------
     @property

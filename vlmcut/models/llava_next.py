@@ -517,10 +517,11 @@ class LlavaNextAttachment:
             if kept != per_image:
                 drop = block_drop_mask(ids, self.image_token_id, per_image, kept)
                 out, new_len = compact_prompt(inputs, drop, self.pad_token_id)
-        elif total != sum(kept):  # == sum(kept): already compact
+        else:  # generate's own forwards carry encoded features, never pixels with a cut prompt
             raise ValueError(
                 f"input_ids hold {total} image placeholders for {len(layouts)} image(s); expected {per_image} "
-                f"(as the processor expands them). Pass the processor's output unchanged."
+                f"(as the processor expands them). Pass the processor's output unchanged: one <image> per "
+                f"image in the text, and the processor expands each."
             )
         out.pop("pixel_values", None)
         out.pop("image_sizes", None)

@@ -412,12 +412,13 @@ class VideoLlavaAttachment:
             if count == 0 or kept >= block:
                 continue
             total = int((ids == token).sum())
-            if total == count * kept:
-                continue  # already compact (a call from our own generate)
+            if total == count * kept and self._gen is not None:
+                continue  # already compact: a forward of our own generate (its prompt was cut once)
             if total != count * block:
                 raise ValueError(
                     f"input_ids hold {total} {kind} placeholders for {count} {kind}(s); expected {block} per "
-                    f"{kind}. Pass the processor's output unchanged."
+                    f"{kind}. Pass the processor's output unchanged: one <{kind}> per {kind} in the text, and "
+                    f"the processor expands each."
                 )
             drop |= placeholder_drop_mask(ids, token, block, kept)
         if not bool(drop.any()):

@@ -19,6 +19,7 @@ The attention itself is untouched: the layer keeps eager / SDPA / FlashAttention
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -205,29 +206,61 @@ class EncoderPruner:
         # Activation checkpointing re-runs a layer during backward, outside the tower's forward: it must
         # repeat the recorded choice (same input -> same output), not score again.
         self._in_pass = False
-        self._decisions: dict[int, tuple[tuple[int, ...], torch.Tensor | TokenMerge]] = {}
+        self._decisions: dict[tuple[int, int], tuple[tuple[int, ...], torch.Tensor | TokenMerge]] = {}
+        self._images: list[tuple[torch.Tensor | None, list[int]]] = []  # per-image passes of one call
+        self._restore_forward: Callable[[], None] = lambda: None
         self._install()
 
     # -- hooks ---------------------------------------------------------------------------------------
     def _install(self) -> None:
         spec = self.spec
-        self._handles.append(spec.root.register_forward_pre_hook(self._on_tower_start))
+        self._handles.append(spec.root.register_forward_pre_hook(self._on_tower_start, with_kwargs=True))
         self._handles.append(spec.root.register_forward_hook(self._on_tower_end))
+        self._restore_forward = _one_image_at_a_time(
+            spec.root, self._splits, self._begin_image, self._end_image
+        )
         for i, (layer, attn) in enumerate(zip(spec.layers, spec.attentions, strict=True)):
             self._handles.append(layer.register_forward_pre_hook(self._make_layer_pre(i), with_kwargs=True))
             self._handles.append(layer.register_forward_hook(self._make_layer_post(i), prepend=True))
             for name in ("q_proj", "k_proj", "v_proj"):
                 self._handles.append(getattr(attn, name).register_forward_hook(self._make_capture(i, name)))
 
-    def _on_tower_start(self, module: nn.Module, args: tuple) -> None:
+    def _on_tower_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._in_pass = True
+        self._decisions = {}
+        self._images = []
+        pixels = args[0] if args else kwargs.get("pixel_values")
+        if hasattr(self.selector, "image_keys") and isinstance(pixels, torch.Tensor):
+            # selectors that draw per image (random) draw from the image's own pixels, not its batch slot
+            self.selector.image_keys = [_content_key(x) for x in pixels]
+        self._begin_image()
+
+    def _splits(self, pixels: torch.Tensor) -> bool:
+        """Whether this call runs one image at a time: the selector's counts are per image (FlowCut) and it
+        will prune these images (``keep`` >= the patch count is the identity, batched as unpruned)."""
+        if not getattr(self.selector, "per_image_passes", False):
+            return False
+        patch = getattr(getattr(self.spec.root, "config", None), "patch_size", None)
+        if isinstance(patch, int) and pixels.dim() == 4:
+            return self.selector.needs_scores((pixels.shape[-2] // patch) * (pixels.shape[-1] // patch))
+        return True
+
+    def _begin_image(self) -> None:
         self.selector.start(self.consume_layer)
         self._orig_idx = None
         self._tokens = []
-        self._in_pass = True
-        self._decisions = {}
+
+    def _end_image(self) -> None:
+        self._images.append((self._orig_idx, list(self._tokens)))
 
     def _on_tower_end(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._in_pass = False
+        if self._images:  # one pass per image: the batch's record, images in order
+            kept = [k for k, _ in self._images]
+            self._orig_idx = None if any(k is None for k in kept) else torch.cat(kept)
+            per_layer = zip(*(t for _, t in self._images), strict=True)
+            self._tokens = [max(counts) for counts in per_layer]  # what the padded batch holds
+            self._images = []
         self.record = EncoderPassRecord(
             kept_indices=self._orig_idx, tokens_per_layer=list(self._tokens), num_patches=self._num_patches0
         )
@@ -269,8 +302,9 @@ class EncoderPruner:
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             hidden, rebuild = _split_output(output)
             qkv, self._qkv, self._armed = self._qkv, {}, None
+            key = (i, _input_key(args))
             if not self._in_pass:
-                return self._replay(i, hidden, rebuild)
+                return self._replay(key, hidden, rebuild)
             n_patches = hidden.shape[1] - int(spec.has_cls)
             result = None
             if self.selector.needs_scores(n_patches):
@@ -282,7 +316,7 @@ class EncoderPruner:
                 q, k, v = (self._heads(qkv[n]) for n in ("q_proj", "k_proj", "v_proj"))
                 idx = self.selector.step(i, q, k, v, spec.scales[i], spec.has_cls)
                 if idx is not None:
-                    self._decisions[i] = (tuple(hidden.shape), idx)
+                    self._decisions[key] = (tuple(hidden.shape), idx)
                 if isinstance(idx, torch.Tensor):
                     hidden = _gather_tokens(hidden, idx, spec.has_cls)
                     self._orig_idx = torch.gather(self._orig_idx, 1, idx)
@@ -297,9 +331,12 @@ class EncoderPruner:
 
         return hook
 
-    def _replay(self, i: int, hidden: torch.Tensor, rebuild: Callable[[torch.Tensor], Any]) -> Any:
-        """Layer ``i`` run again outside a tower pass (checkpoint recompute): apply the recorded choice."""
-        shape, decision = self._decisions.get(i, (None, None))
+    def _replay(
+        self, key: tuple[int, int], hidden: torch.Tensor, rebuild: Callable[[torch.Tensor], Any]
+    ) -> Any:
+        """A layer run again outside a tower pass (checkpoint recompute) on the same input: apply the choice
+        recorded for that layer and input (one per image when the tower runs one image at a time)."""
+        shape, decision = self._decisions.get(key, (None, None))
         if decision is None or tuple(hidden.shape) != shape:
             return None
         if isinstance(decision, torch.Tensor):
@@ -310,8 +347,96 @@ class EncoderPruner:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._restore_forward()
+        self._restore_forward = lambda: None
         self._qkv = {}
         self._decisions = {}
+
+
+def _content_key(x: torch.Tensor) -> int:
+    """A 32-bit checksum of one image's pixels (the same image gives the same key in any batch)."""
+    return zlib.crc32(x.detach().float().cpu().contiguous().numpy().tobytes())
+
+
+def _input_key(args: tuple) -> int:
+    """Identifies a layer's input across a checkpoint recompute (the same saved tensor storage)."""
+    hidden = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    return hidden.data_ptr() if hidden is not None else 0
+
+
+def _one_image_at_a_time(
+    root: nn.Module,
+    splits: Callable[[torch.Tensor], bool],
+    begin: Callable[[], None],
+    end: Callable[[], None],
+) -> Callable[[], None]:
+    """Run ``root``'s forward once per image of its batch (on this instance, when ``splits(pixels)``) and
+    join the outputs.
+
+    For selectors whose counts differ per image (FlowCut, Eq. 3 per image): each image is scored alone, so
+    its kept tokens and every feature do not depend on its neighbours. The tower's hooks still fire once per
+    call; ``begin`` / ``end`` bracket each image. Outputs are concatenated along the batch; hidden states of
+    layers whose token count differs between images are right-padded with zeros to the longest (the layers
+    a VLM consumes all have ``K`` tokens). Returns the function that puts the original forward back.
+    """
+    had_attr = "forward" in vars(root)
+    original = root.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        pixels = args[0] if args else kwargs.get("pixel_values")
+        if not isinstance(pixels, torch.Tensor) or pixels.dim() < 1 or pixels.shape[0] <= 1:
+            return original(*args, **kwargs)
+        if not splits(pixels):
+            return original(*args, **kwargs)
+        batch = pixels.shape[0]
+
+        def take(x: Any, b: int) -> Any:
+            return x[b : b + 1] if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == batch else x
+
+        outputs = []
+        for b in range(batch):
+            if b:
+                begin()
+            outputs.append(
+                original(*(take(a, b) for a in args), **{k: take(v, b) for k, v in kwargs.items()})
+            )
+            end()
+        return _join_outputs(outputs)
+
+    forward.__doc__ = getattr(original, "__doc__", None)
+    root.forward = forward
+
+    def restore() -> None:
+        if had_attr:
+            root.forward = original
+        else:
+            del root.forward
+
+    return restore
+
+
+def _join(parts: list[Any]) -> Any:
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        if first.dim() >= 2 and len({p.shape[1] for p in parts}) > 1:  # ragged tokens: right-pad
+            width = max(p.shape[1] for p in parts)
+            parts = [
+                torch.nn.functional.pad(p, (0, 0) * (p.dim() - 2) + (0, width - p.shape[1])) for p in parts
+            ]
+        return torch.cat(parts)
+    if isinstance(first, tuple):
+        return tuple(_join(list(items)) for items in zip(*parts, strict=True))
+    if isinstance(first, list):
+        return [_join(list(items)) for items in zip(*parts, strict=True)]
+    return first
+
+
+def _join_outputs(outputs: list[Any]) -> Any:
+    first = outputs[0]
+    if hasattr(first, "keys") and hasattr(first, "__setitem__"):  # a ModelOutput
+        joined = type(first)(**{k: _join([o[k] for o in outputs]) for k in first.keys()})
+        return joined
+    return _join(outputs)
 
 
 def _gather_tokens(hidden: torch.Tensor, idx: torch.Tensor, has_cls: bool) -> torch.Tensor:
