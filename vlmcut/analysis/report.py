@@ -142,12 +142,17 @@ def _layer_series(results: Mapping[str, AnalysisResult]) -> dict[str, Tensor]:
     out["value norm mean (no pruning)"] = _stack(results, lambda r: r.value_norm.mean(-1))
     for method in first.kept:
         out[f"value norm mean ({method})"] = torch.stack(
-            [torch.stack([v[0].mean() for v in r.pruned_value_norm[method]]) for r in results.values()]
+            [torch.stack([v[0].nanmean() for v in r.pruned_value_norm[method]]) for r in results.values()]
         )
     out["max/median token norm"] = _stack(
         results, lambda r: r.hidden_norm.max(-1).values / r.hidden_norm.median(-1).values
     )
     return out
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """The values of an image's row (rows are NaN-padded past the image's own token count)."""
+    return x[~x.isnan()]
 
 
 def _safe_name(name: str, taken: set[str]) -> str:
@@ -342,7 +347,7 @@ def _figures(
     if "flowcut" in first.pruned_value_norm:
         boxes["FlowCut"] = value_norm_summary(
             [
-                torch.cat([r.pruned_value_norm["flowcut"][i][0] for r in results.values()])
+                torch.cat([_finite(r.pruned_value_norm["flowcut"][i][0]) for r in results.values()])
                 for i in range(n_layers)
             ]
         )

@@ -113,7 +113,8 @@ class AnalysisResult:
     # --- Figs. 6-8: one pruned forward per method
     kept: dict[str, Tensor] = field(default_factory=dict)  # method -> (B, K) int64 kept patch indices
     tokens_per_layer: dict[str, list[int]] = field(default_factory=dict)  # method -> patches after layer l
-    pruned_value_norm: dict[str, list[Tensor]] = field(default_factory=dict)  # method -> L x (B, N_l)
+    # method -> L x (B, N_l); NaN past an image's own count (FlowCut's counts differ per image)
+    pruned_value_norm: dict[str, list[Tensor]] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -280,17 +281,28 @@ def _unpruned_pass(
 def _pruned_pass(
     tower: nn.Module, spec: TowerSpec, pixel_values: Tensor, method: str, keep: int, feature_layer: int
 ) -> tuple[Tensor, list[int], list[Tensor]]:
-    """One forward under ``vlmcut.prune``. -> (kept (B, K), tokens per layer, L x (B, N_l) value norms)."""
+    """One forward per image under ``vlmcut.prune`` (counts differ per image). -> (kept (B, K), tokens per
+    layer (the most any image has), L x (B, N_l) value norms, NaN past an image's own count)."""
+    rows, schedules, per_image = [], [], []
     with prune(tower, method, keep=keep, feature_layer=feature_layer) as handle:
-        with qkv_recorder(spec, ("v_proj",)) as vals, torch.no_grad():
-            tower(pixel_values=pixel_values)
-        kept = handle.kept_indices
-        tokens = handle.tokens_per_layer
-    norms = [information_density(d["v_proj"].to(torch.float64), spec.has_cls).cpu() for d in vals]
-    if kept is None:  # keep >= N is the identity: every patch survives
-        n = norms[0].shape[-1]
-        kept = torch.arange(n).expand(pixel_values.shape[0], n)
-    return kept.detach().cpu().to(torch.int64), list(tokens), norms
+        for b in range(pixel_values.shape[0]):
+            with qkv_recorder(spec, ("v_proj",)) as vals, torch.no_grad():
+                tower(pixel_values=pixel_values[b : b + 1])
+            norms = [information_density(d["v_proj"].to(torch.float64), spec.has_cls).cpu()[0] for d in vals]
+            kept = handle.kept_indices
+            if kept is None:  # keep >= N is the identity: every patch survives
+                kept = torch.arange(norms[0].shape[-1])[None]
+            rows.append(kept.detach().cpu().to(torch.int64))
+            schedules.append(handle.tokens_per_layer)
+            per_image.append(norms)
+    stacked = []
+    for layer in zip(*per_image, strict=True):
+        width = max(v.shape[-1] for v in layer)
+        stacked.append(
+            torch.stack([torch.nn.functional.pad(v, (0, width - v.shape[-1]), value=math.nan) for v in layer])
+        )
+    tokens = [max(counts) for counts in zip(*schedules, strict=True)]
+    return torch.cat(rows), tokens, stacked
 
 
 def analyze_tower(
