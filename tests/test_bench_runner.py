@@ -293,3 +293,37 @@ def test_timed_spec_is_transparent() -> None:
     assert clock.calls == 2 and clock.seconds() > 0
     clock.reset()
     assert clock.calls == 0 and clock.seconds() == 0.0
+
+
+def test_oracle_replays_per_image_passes_exactly() -> None:
+    """FlowCut runs the tower one image at a time (per-image counts); the oracle records every pass and
+    replays them in order, so its outputs equal FlowCut's bitwise on a batch whose images disagree."""
+    import tiny
+
+    from vlmcut.bench.runner import _RecordingSelector
+    from vlmcut.methods.flowcut import FlowCutConfig, FlowCutSelector
+    from vlmcut.models.vit import EncoderPruner, tower_spec
+
+    model = tiny.clip_tower(layers=10, seed=5)
+    xs = tiny.pixels(3, seed=5)
+    spec = tower_spec(model)
+    recorder = _RecordingSelector(FlowCutSelector(FlowCutConfig(keep=6), keep=6))
+    pruner = EncoderPruner(spec, recorder, consume_layer=9)
+    with torch.no_grad():
+        ref = model(xs, output_hidden_states=True)
+    record = pruner.record
+    pruner.remove()
+    assert len(recorder.passes) == 3 and recorder.per_image_passes
+    widths = {tuple(sorted((layer, idx.shape[1]) for layer, idx in p.items())) for p in recorder.passes}
+    assert len(widths) > 1, widths  # the images really keep different counts on the way
+    replay = EncoderPruner(spec, ReplaySelector(recorder.passes, 6, per_image_passes=True), consume_layer=9)
+    try:
+        with torch.no_grad():
+            for _ in range(2):  # cyclic: every forward replays the same passes
+                out = model(xs, output_hidden_states=True)
+                assert torch.equal(replay.record.kept_indices, record.kept_indices)
+                assert replay.record.tokens_per_layer == record.tokens_per_layer
+                for a, b in zip(out.hidden_states, ref.hidden_states, strict=True):
+                    assert torch.equal(a, b)
+    finally:
+        replay.remove()

@@ -79,8 +79,8 @@ from ..api import METHODS, MethodSpec, _prune, available_methods, prune
 from ..compat import CACHE_KWARG, cache_from_output
 from ..methods.flowcut import FlowCutConfig
 from ..methods.llm_base import LLMContext, LLMSelection
-from ..models.llava import LlavaAttachment, compact_prompt, placeholder_drop_mask
-from ..models.llava_next import LlavaNextAttachment, block_drop_mask
+from ..models.llava import LlavaAttachment
+from ..models.llava_next import LlavaNextAttachment
 from ..models.llm import DecoderPruner
 from ..models.qwen2_vl import QWEN_METHODS, QwenAttachment
 from ..models.vit import tower_spec
@@ -521,15 +521,23 @@ def _finite(o: Any) -> Any:
 class _RecordingSelector:
     """Wraps an encoder selector and records the indices it returns per layer (for the oracle's replay).
 
-    ``group`` (Qwen2-VL's merge units) is passed on; the recorded indices then count units."""
+    One record per pass (``start``): a tower that runs one image at a time (FlowCut's per-image counts)
+    makes one pass per image, and the replay repeats them in the same order. ``group`` (Qwen2-VL's merge
+    units) is passed on; the recorded indices then count units."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.keep = inner.keep
-        self.steps: dict[int, torch.Tensor] = {}
+        self.per_image_passes = bool(getattr(inner, "per_image_passes", False))
+        self.passes: list[dict[int, torch.Tensor]] = []
+
+    @property
+    def steps(self) -> dict[int, torch.Tensor]:
+        """The last pass's record."""
+        return self.passes[-1] if self.passes else {}
 
     def start(self, consume_layer: int) -> None:
-        self.steps = {}
+        self.passes.append({})
         self.inner.start(consume_layer)
 
     def needs_scores(self, num_patches: int) -> bool:
@@ -550,7 +558,7 @@ class _RecordingSelector:
         if idx is not None:
             if not isinstance(idx, torch.Tensor):
                 raise TypeError("the oracle replays index gathers; token merging cannot be replayed")
-            self.steps[layer] = idx.detach().clone()
+            self.passes[-1][layer] = idx.detach().clone()
         return idx
 
 
@@ -558,14 +566,25 @@ class ReplaySelector:
     """Oracle encoder selector: returns precomputed indices after the recorded layers; computes nothing.
 
     ``steps[layer]``: ``(B, n)`` indices the recorded selector returned at ``layer`` (patches, or merge units
-    when the model passes ``group``)."""
+    when the model passes ``group``). A list of such records replays one per pass, in order and cyclically
+    (``per_image_passes``: the tower then runs one image at a time, as it did while recording)."""
 
-    def __init__(self, steps: dict[int, torch.Tensor], keep: int) -> None:
-        self.steps = steps
+    def __init__(
+        self,
+        steps: dict[int, torch.Tensor] | list[dict[int, torch.Tensor]],
+        keep: int,
+        per_image_passes: bool = False,
+    ) -> None:
+        self.passes = steps if isinstance(steps, list) else [steps]
+        self.steps: dict[int, torch.Tensor] = self.passes[0] if self.passes else {}
         self.keep = keep
+        self.per_image_passes = per_image_passes
+        self._next = 0
 
     def start(self, consume_layer: int) -> None:
-        pass
+        if self.passes:
+            self.steps = self.passes[self._next % len(self.passes)]
+            self._next += 1
 
     def needs_scores(self, num_patches: int) -> bool:
         return num_patches > self.keep
@@ -962,11 +981,12 @@ class _TokenCounter:
         self.calls: list[list[list[int]]] = []  # per tower call, per layer: sequence lengths
         self.valid: torch.Tensor | None = None  # (B, T) real tokens entering the language model
         self.stages_after: list[int] = []
+        self._layer_calls = 0  # encoder layer calls in the current tower call
         self._handles: list[Any] = []
 
     def __enter__(self) -> _TokenCounter:
         p = self.parts
-        self._handles.append(p.vision.register_forward_pre_hook(lambda m, a: self.calls.append([])))
+        self._handles.append(p.vision.register_forward_pre_hook(self._on_vision))
         for layer in p.vision_layers:
             self._handles.append(layer.register_forward_pre_hook(self._on_vision_layer, with_kwargs=True))
         self._handles.append(p.llm.register_forward_pre_hook(self._on_llm, with_kwargs=True))
@@ -979,6 +999,10 @@ class _TokenCounter:
             h.remove()
         self._handles.clear()
 
+    def _on_vision(self, module: nn.Module, args: tuple) -> None:
+        self.calls.append([])
+        self._layer_calls = 0
+
     def _on_vision_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
         if self.parts.family == "qwen2_vl":
@@ -986,7 +1010,14 @@ class _TokenCounter:
             lengths = [int(hidden.shape[0])] if cu is None else (cu[1:] - cu[:-1]).tolist()
         else:
             lengths = [int(hidden.shape[1])] * int(hidden.shape[0])
-        self.calls[-1].append(lengths)
+        # A tower that runs one image at a time (FlowCut, per-image counts) calls every layer once per
+        # image within one tower call: those sequences belong to the same layer.
+        layer = self._layer_calls % len(self.parts.vision_layers)
+        self._layer_calls += 1
+        if self._layer_calls <= len(self.parts.vision_layers):
+            self.calls[-1].append(lengths)
+        else:
+            self.calls[-1][layer] = self.calls[-1][layer] + lengths
 
     def _on_llm(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.valid is not None:
@@ -1557,18 +1588,17 @@ def _oracle_llava(
     try:
         _forward(model, inputs, logits_to_keep)
         record = att.record
-        per_image, kept = att.placeholders(inputs["pixel_values"])
     finally:
         att.remove()
-    steps = recorder["sel"].steps
-    drop = placeholder_drop_mask(inputs["input_ids"], parts.image_token_id, per_image, kept)
-    compact, _ = compact_prompt(dict(inputs), drop, pad)
+    # the passes of the one recorded forward (one per image when the tower ran one image at a time)
+    passes, per_image = recorder["sel"].passes, recorder["sel"].per_image_passes
+    prompt = dict(inputs)  # the processor's prompt: the replaying attachment cuts it, as FlowCut's does
 
     def attach() -> LlavaAttachment:
-        return LlavaAttachment(model, lambda k: ReplaySelector(steps, k), keep)
+        return LlavaAttachment(model, lambda k: ReplaySelector(passes, k, per_image), keep)
 
     return _verified_oracle(
-        "LLaVA", model, parts, compact, text, attach, record, None, row_of, keep, logits_to_keep
+        "LLaVA", model, parts, prompt, text, attach, record, None, row_of, keep, logits_to_keep
     )
 
 
@@ -1600,30 +1630,23 @@ def _oracle_llava_next(
     try:
         _forward(model, inputs, logits_to_keep)
         record, llm_record = att.record, att.llm_record
-        layouts = list(att.pass_record.images)
     finally:
         att.remove()
-    steps = {b: r.steps for b, r in encoders.items()}
+    steps = {b: (r.passes, r.per_image_passes) for b, r in encoders.items()}
     llm_layers, llm_masks = stages[-1].layers, stages[-1].masks
-    drop = block_drop_mask(
-        inputs["input_ids"],
-        parts.image_token_id,
-        [im.unpruned_length for im in layouts],
-        [im.length for im in layouts],
-    )
-    compact, _ = compact_prompt(dict(inputs), drop, pad)  # pixel_values / image_sizes stay
+    prompt = dict(inputs)  # the processor's prompt: the replaying attachment cuts it, as FlowCut's does
 
     def attach() -> LlavaNextAttachment:
         return LlavaNextAttachment(
             model,
-            lambda b: ReplaySelector(steps.get(b, {}), b),
+            lambda b: ReplaySelector(steps[b][0], b, steps[b][1]) if b in steps else ReplaySelector({}, b),
             keep,
             two_stage=True,
             make_llm_stage=lambda lm: DecoderPruner(lm, ReplayLLMSelector(llm_layers, llm_masks)),
         )
 
     return _verified_oracle(
-        "LLaVA-NeXT", model, parts, compact, text, attach, record, llm_record, row_of, keep, logits_to_keep
+        "LLaVA-NeXT", model, parts, prompt, text, attach, record, llm_record, row_of, keep, logits_to_keep
     )
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .flowcut import _check_int
+from .checks import check_feature_layer, check_int
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,9 @@ class RandomConfig:
     feature_layer: int | None = None
 
     def __post_init__(self) -> None:
-        _check_int("keep", self.keep, 1)
-        _check_int("seed", self.seed, 0)
+        check_int("keep", self.keep, 1)
+        check_int("seed", self.seed, 0, 2**64 - 1)  # torch.Generator.manual_seed's range
+        check_feature_layer(self.feature_layer)
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ class GridConfig:
     feature_layer: int | None = None
 
     def __post_init__(self) -> None:
-        _check_int("keep", self.keep, 1)
+        check_int("keep", self.keep, 1)
+        check_feature_layer(self.feature_layer)
 
 
 def grid_indices(num_patches: int, keep: int) -> torch.Tensor:
@@ -126,6 +128,10 @@ class RandomSelector(_AttentionFreeSelector):
         # per-image keys of the current call (the model adapter sets a checksum of each image's pixels);
         # without keys an image's key is its position in the batch
         self.image_keys: list[int] | None = None
+
+    def set_image_keys(self, keys: list[int]) -> None:
+        """Per-image keys of the next call (the model adapter passes a checksum of each image's pixels)."""
+        self.image_keys = list(keys)
 
     def choose(self, batch: int, num_patches: int, device: torch.device) -> torch.Tensor:
         keys = (

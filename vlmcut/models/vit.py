@@ -230,9 +230,10 @@ class EncoderPruner:
         self._decisions = {}
         self._images = []
         pixels = args[0] if args else kwargs.get("pixel_values")
-        if hasattr(self.selector, "image_keys") and isinstance(pixels, torch.Tensor):
+        set_keys = getattr(self.selector, "set_image_keys", None)
+        if set_keys is not None and isinstance(pixels, torch.Tensor):
             # selectors that draw per image (random) draw from the image's own pixels, not its batch slot
-            self.selector.image_keys = [_content_key(x) for x in pixels]
+            set_keys([_content_key(x) for x in pixels])
         self._begin_image()
 
     def _splits(self, pixels: torch.Tensor) -> bool:
