@@ -1,25 +1,138 @@
-"""The ``vlmcut`` command line: run, demo, eval, analyze, bench."""
+"""The ``vlmcut`` command line: run, demo, eval, analyze, bench.
+
+A bad invocation prints one line, ``vlmcut <command>: error: <message>``, and exits with status 2: argparse's
+own usage errors, the checks here (:class:`UsageError`), and the library's ``ValueError`` / ``TypeError`` /
+``OSError`` / ``ImportError`` / ``NotImplementedError`` (and ``RuntimeError`` raised by vlmcut's own code).
+Anything else keeps its traceback; ``VLMCUT_DEBUG=1`` shows the traceback of every error.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .api import available_methods
 
+DEBUG_ENV = "VLMCUT_DEBUG"
+# What the library raises for bad inputs, whoever raised it (RuntimeError only from vlmcut's own code).
+_INPUT_ERRORS = (ValueError, TypeError, OSError, ImportError, NotImplementedError)
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class UsageError(Exception):
+    """A bad command-line argument: reported as ``vlmcut <command>: error: <message>`` (exit status 2)."""
+
+
+def _int_at_least(minimum: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+
+    return parse
+
+
+# argparse ``type=`` for counts: the argument's name, the rule and the value given end up in one message.
+positive_int = _int_at_least(1, "an integer >= 1")
+non_negative_int = _int_at_least(0, "an integer >= 0")
+
+
+def _message(err: BaseException) -> str:
+    """``err``'s text on one line (a ``KeyError`` without its quotes)."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(text.split()) or type(err).__name__
+
+
+@contextmanager
+def blame(flag: str) -> Iterator[None]:
+    """Report an input error raised inside the block as a :class:`UsageError` about ``flag``."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except (ValueError, TypeError, OSError, KeyError, ImportError, NotImplementedError) as err:
+        raise UsageError(f"argument {flag}: {_message(err)}") from err
+
+
+def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
+    """An output directory: missing (it will be created) or an existing directory."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"argument {flag}: {path} exists and is not a directory; pass a directory path")
+    return path
+
+
+def check_out_file(path: str | Path, flag: str) -> Path:
+    """An output file whose directory exists and which is not itself a directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"argument {flag}: {path} is a directory; pass a file path")
+    if not path.parent.is_dir():
+        raise UsageError(f"argument {flag}: the directory {path.parent} does not exist; create it first")
+    return path
+
+
+def _debug() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _raised_by_vlmcut(err: BaseException) -> bool:
+    """Whether the innermost frame of ``err``'s traceback is in vlmcut's own code."""
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    try:
+        Path(tb.tb_frame.f_code.co_filename).resolve().relative_to(_PACKAGE_DIR)
+    except ValueError:
+        return False
+    return True
+
+
+def report_errors(command: str, func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run ``func(args)``; an input error becomes one line on stderr and exit status 2 (see the module
+    docstring). ``VLMCUT_DEBUG=1`` re-raises it with its traceback."""
+    prog = f"vlmcut {command}"
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        if _debug():
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if _debug():
+            raise
+        ours = isinstance(err, UsageError) or _raised_by_vlmcut(err)
+        if not isinstance(err, (UsageError, *_INPUT_ERRORS)) and not (ours and isinstance(err, RuntimeError)):
+            raise  # a bug, not a bad input: keep the traceback
+        hint = "" if ours else f" ({DEBUG_ENV}=1 shows the traceback)"
+        print(f"{prog}: error: {_message(err)}{hint}", file=sys.stderr)
+        return 2
+
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from PIL import Image
-
-    from .inference import compare, load_llava, save_overlay
+    from .inference import compare, load_image, load_llava, model_config, save_overlay
 
     image_path = Path(args.image)
-    if not image_path.is_file():
-        raise SystemExit(f"error: image {image_path} does not exist")
-    model, processor = load_llava(args.model, dtype=args.dtype, attn=args.attn)
-    image = Image.open(image_path).convert("RGB")
+    out_dir = check_out_dir(args.out)
+    if args.json:
+        check_out_file(args.json, "--json")
+    with blame("--image"):
+        image = load_image(image_path)
+    with blame("--model"):
+        model_config(args.model, ("llava",))
+        model, processor = load_llava(args.model, dtype=args.dtype, attn=args.attn)
     base, pruned = compare(
         model,
         processor,
@@ -29,7 +142,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         method=args.method,
         max_new_tokens=args.max_new_tokens,
     )
-    out_png = Path(args.out) / f"{image_path.stem}-{args.method}-keep{args.keep}.png"
+    out_png = out_dir / f"{image_path.stem}-{args.method}-keep{args.keep}.png"
     save_overlay(processor, model, image, pruned.kept_indices[0], out_png)
     rows = [("unpruned", base), (f"{args.method} keep={args.keep}", pruned)]
     report = {}
@@ -52,6 +165,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    check_out_dir(args.out)
     run_demo(args.out, keep=args.keep, n_scenes=args.scenes, max_new_tokens=args.max_new_tokens)
     return 0
 
@@ -59,21 +173,34 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .eval.datasets import load_dataset
     from .eval.runner import evaluate, sweep, write_reports
-    from .inference import load_llava
+    from .inference import load_llava, model_config
 
+    # Every argument is checked before the model is loaded (the slow part).
+    if not args.sweep and (args.method is None or args.keep is None):
+        missing = " and ".join(f for f, v in (("--method", args.method), ("--keep", args.keep)) if v is None)
+        raise UsageError(f"give {missing} (one pruned run against the unpruned model), or --sweep")
+    check_out_dir(args.out)
     if args.model:
-        model, processor = load_llava(args.model, dtype=args.dtype)
+        with blame("--model"):
+            model_config(args.model, ("llava",))
+    data = {}
+    for name in args.data:
+        try:
+            data[name] = list(load_dataset(name, args.split, n=args.n))
+        except (ValueError, ImportError, OSError) as err:
+            flag = "--split" if "split" in str(err) and not isinstance(err, ImportError) else "--data"
+            raise UsageError(f"argument {flag}: {_message(err)}") from err
+    if args.model:
+        with blame("--model"):
+            model, processor = load_llava(args.model, dtype=args.dtype)
     else:
         from .demo import load_demo_model
 
         model, processor, _ = load_demo_model()
-    data = {name: list(load_dataset(name, args.split, n=args.n)) for name in args.data}
     if args.sweep:
         results = sweep(model, processor, data, args.methods, args.keeps, batch_size=args.batch_size)
         stem = "sweep"
     else:
-        if args.method is None or args.keep is None:
-            raise SystemExit("error: give --method and --keep, or --sweep")
         results = []
         for name, samples in data.items():
             ref = evaluate(model, processor, samples, name, batch_size=args.batch_size)
@@ -93,9 +220,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vlmcut", description="Visual token pruning for Hugging Face VLMs."
-    )
+    parser = argparse.ArgumentParser(prog="vlmcut", description="Visual token pruning for Hugging Face VLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="answer a question about an image, unpruned and pruned, with timings")
@@ -104,9 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--prompt", required=True, help="question (wrapped in the chat template unless it has <image>)"
     )
-    run.add_argument("--keep", type=int, default=64, help="visual tokens per image (default 64)")
+    run.add_argument("--keep", type=positive_int, default=64, help="visual tokens per image (default 64)")
     run.add_argument("--method", default="flowcut", choices=available_methods())
-    run.add_argument("--max-new-tokens", type=int, default=32)
+    run.add_argument("--max-new-tokens", type=positive_int, default=32)
     run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     run.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     run.add_argument("--out", default="vlmcut-out", help="directory for the kept-patch PNG")
@@ -116,9 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="the small real LLaVA (built offline), unpruned vs FlowCut on a few images"
     )
-    demo.add_argument("--keep", type=int, default=64)
-    demo.add_argument("--scenes", type=int, default=3, help="synthetic scenes to include")
-    demo.add_argument("--max-new-tokens", type=int, default=12)
+    demo.add_argument("--keep", type=positive_int, default=64)
+    demo.add_argument("--scenes", type=non_negative_int, default=3, help="synthetic scenes to include")
+    demo.add_argument("--max-new-tokens", type=positive_int, default=12)
     demo.add_argument("--out", default="vlmcut-demo")
     demo.set_defaults(func=_cmd_demo)
 
@@ -126,9 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", default=None, help="local LLaVA directory (default: the small zoo LLaVA)")
     ev.add_argument("--data", nargs="+", default=["scenes"], help="datasets: scenes, easy-vqa")
     ev.add_argument("--split", default="test")
-    ev.add_argument("--n", type=int, default=200, help="questions per dataset")
+    ev.add_argument("--n", type=positive_int, default=200, help="questions per dataset")
     ev.add_argument("--method", default=None, choices=available_methods())
-    ev.add_argument("--keep", type=int, default=None)
+    ev.add_argument("--keep", type=positive_int, default=None)
     ev.add_argument("--sweep", action="store_true", help="methods x keeps table and plot")
     ev.add_argument(
         "--methods",
@@ -136,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=["flowcut", "visionzip", "fastervlm", "sparsevlm", "pdrop", "fastv", "random", "grid"],
         choices=available_methods(),
     )
-    ev.add_argument("--keeps", nargs="+", type=int, default=[128, 64, 32, 16])
-    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--keeps", nargs="+", type=positive_int, default=[128, 64, 32, 16])
+    ev.add_argument("--batch-size", type=positive_int, default=8)
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ev.add_argument("--out", default="vlmcut-eval")
     ev.set_defaults(func=_cmd_eval)
@@ -152,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    return report_errors(args.command, args.func, args)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +19,73 @@ from .models.llava import llava_parts
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def load_image(path: str | Path) -> Image.Image:
+    """The RGB image in ``path``, fully decoded; a clear error for a missing, directory or unreadable file."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; pass an image file")
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; pass an image file (PNG, JPEG, ...)")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")  # decodes every pixel: a truncated file fails here, not later
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise ValueError(
+            f"{path} is not a readable image ({detail}); pass a PNG, JPEG or other image file"
+        ) from None
+
+
+def model_config(model_dir: str | Path, model_types: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The parsed ``config.json`` of a local Hugging Face model directory, checked before anything is loaded.
+
+    ``model_types``: the accepted ``model_type`` values (``None``: any). Raises ``FileNotFoundError`` /
+    ``NotADirectoryError`` for a path that is not a model directory and ``ValueError`` for a config that is
+    unreadable or of another model type, each naming the path and what to pass instead.
+    """
+    path = Path(model_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; pass a local Hugging Face model directory")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is not a directory; pass a local Hugging Face model directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{path} is not a Hugging Face model directory (no config.json); pass the directory that "
+            f"save_pretrained wrote"
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        detail = " ".join(str(err).split())
+        raise ValueError(f"{config_file} is not valid JSON ({detail}); re-save the model") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} does not hold a JSON object; re-save the model")
+    model_type = config.get("model_type")
+    if model_types is not None and model_type not in model_types:
+        raise ValueError(
+            f"{path} holds a {model_type!r} model; pass a {' / '.join(model_types)} model directory "
+            f"(config.json model_type)"
+        )
+    return config
+
+
 def load_llava(model_dir: str | Path, dtype: str = "float32", attn: str = "sdpa") -> tuple[Any, Any]:
     """``(model, processor)`` from a local Hugging Face LLaVA directory; never touches the network."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+    model_config(path, ("llava",))
+    if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
+        raise FileNotFoundError(
+            f"{path} holds no weights (*.safetensors or pytorch_model*.bin); pass the directory that "
+            f"model.save_pretrained wrote"
+        )
+    if not any((path / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")):
+        raise FileNotFoundError(
+            f"{path} holds no processor (processor_config.json or preprocessor_config.json); save it there "
+            f"too: processor.save_pretrained({str(path)!r})"
+        )
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)

@@ -9,8 +9,6 @@ Registered by ``vlmcut/cli.py`` through :func:`add_parser`. Examples::
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -80,11 +78,10 @@ def _feature_index(model: Any) -> int:
 
 def load_tower(model_dir: str | Path, dtype: str = "float32") -> tuple[Any, Any, int, str]:
     """``(vision tower, processor, feature_layer, kind)`` from a local LLaVA or bare vision tower directory."""
+    from vlmcut.inference import model_config
+
     path = Path(model_dir)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
-    config = json.loads(config_file.read_text())
+    config = model_config(path)
     if "vision_config" in config or "llava" in str(config.get("model_type", "")):
         from vlmcut.inference import load_llava
 
@@ -100,41 +97,80 @@ def load_tower(model_dir: str | Path, dtype: str = "float32") -> tuple[Any, Any,
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    """Entry point of ``vlmcut analyze``; returns the exit status."""
-    from vlmcut.analysis.report import analyze_images
+    """Entry point of ``vlmcut analyze``; returns the exit status (2, with one line on stderr, for a bad
+    argument: see :func:`vlmcut.cli.report_errors`)."""
+    from vlmcut.cli import report_errors
 
-    if bool(args.zoo) == bool(args.model):
-        print("error: pass exactly one of --model DIR and --zoo", file=sys.stderr)
-        return 2
+    return report_errors("analyze", _analyze, args)
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    """``vlmcut analyze`` itself: every argument is checked before a model is loaded."""
+    from vlmcut.analysis.report import analyze_images
+    from vlmcut.api import available_methods
+    from vlmcut.cli import UsageError, blame, check_out_dir
+    from vlmcut.inference import load_image, model_config
+
+    if args.zoo and args.model:
+        raise UsageError(
+            "argument --zoo: not allowed with --model; pass exactly one of --model DIR and --zoo"
+        )
+    if not args.zoo and not args.model:
+        raise UsageError("argument --model: pass exactly one of --model DIR and --zoo")
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if not methods:
+        raise UsageError(
+            f"argument --methods: no method in {args.methods!r}; pass a comma-separated list of "
+            f"{', '.join(available_methods())}"
+        )
+    unknown = [m for m in methods if m not in available_methods()]
+    if unknown:
+        raise UsageError(
+            f"argument --methods: unknown method(s) {', '.join(unknown)}; available: {', '.join(available_methods())}"
+        )
+    check_out_dir(args.out)
+    if args.model:
+        with blame("--model"):
+            config = model_config(args.model)
+        vision = config.get("vision_config") or config
+        depth = vision.get("num_hidden_layers") if isinstance(vision, dict) else None
+        if args.feature_layer is not None and isinstance(depth, int):
+            from vlmcut.models.vit import consumed_layer
+
+            with blame("--feature-layer"):
+                consumed_layer(args.feature_layer, depth)
     images: dict[str, Image.Image] = {}
     for file in args.image or []:
-        p = Path(file)
-        if not p.is_file():
-            print(f"error: image {p} does not exist", file=sys.stderr)
-            return 2
-        with Image.open(p) as im:
-            images[p.stem] = im.convert("RGB")
+        with blame("--image"):
+            images[Path(file).stem] = load_image(file)
     if args.images == "scikit-image":
-        images.update(skimage_photos())
-        images.update(scene_images(args.scenes))
+        with blame("--images"):
+            images.update(skimage_photos())
+            images.update(scene_images(args.scenes))
     if not images:
-        print("error: no images: pass --image FILE and/or --images scikit-image", file=sys.stderr)
-        return 2
+        raise UsageError(
+            "argument --image: no images; pass --image FILE (repeatable) and/or --images scikit-image"
+        )
 
     start = time.perf_counter()
     if args.zoo:
         from vlmcut.zoo import load_small_llava
 
-        model, processor = load_small_llava()
+        with blame("--zoo"):
+            model, processor = load_small_llava()
         tower = model.model.vision_tower
         feature_layer = _feature_index(model)
         source = "vlmcut.zoo.load_small_llava()"
     else:
-        tower, processor, feature_layer, kind = load_tower(args.model, dtype=args.dtype)
+        with blame("--model"):
+            tower, processor, feature_layer, kind = load_tower(args.model, dtype=args.dtype)
         source = f"{args.model} ({kind})"
     if args.feature_layer is not None:
+        from vlmcut.models.vit import consumed_layer, tower_spec
+
+        with blame("--feature-layer"):
+            consumed_layer(args.feature_layer, tower_spec(tower).num_layers)
         feature_layer = args.feature_layer
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     meta = {"model": source, "prompt": args.prompt or "", "methods": ", ".join(methods)}
     report = analyze_images(
         tower,
@@ -154,6 +190,8 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``analyze`` on an ``argparse`` sub-parser collection; sets ``func=run_analyze``."""
+    from vlmcut.cli import non_negative_int, positive_int
+
     p = subparsers.add_parser(
         "analyze",
         help="information-flow analysis of a vision tower (paper section 2) as an HTML report",
@@ -168,9 +206,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         choices=["scikit-image"],
         help="add the scikit-image sample photos and --scenes synthetic scenes",
     )
-    p.add_argument("--scenes", type=int, default=4, help="synthetic scenes added by --images (default 4)")
+    p.add_argument(
+        "--scenes", type=non_negative_int, default=4, help="synthetic scenes added by --images (default 4)"
+    )
     p.add_argument("--prompt", default="", help="question recorded in the report (the tower does not see it)")
-    p.add_argument("--keep", type=int, default=64, help="patch tokens kept by each method (default 64)")
+    p.add_argument(
+        "--keep", type=positive_int, default=64, help="patch tokens kept by each method (default 64)"
+    )
     p.add_argument("--methods", default="flowcut,random,grid", help="comma-separated pruning methods")
     p.add_argument(
         "--feature-layer",

@@ -13,9 +13,64 @@ from typing import Any
 DEFAULT_PRESET = "llava-1.5-7b"
 
 
+def _family_and_depth(args: argparse.Namespace) -> tuple[str, int | None]:
+    """``(model family, decoder layers or None when unknown)`` of the preset or ``--model`` directory,
+    read from configs only (nothing is built)."""
+    from ..cli import UsageError, blame
+    from ..inference import model_config
+    from .presets import get_preset
+
+    if args.model is not None:
+        with blame("--model"):
+            config = model_config(args.model, ("llava", "llava_next", "qwen2_vl"))
+        text = config.get("text_config") or {}
+        depth = text.get("num_hidden_layers") if isinstance(text, dict) else None
+        if isinstance(depth, bool) or not isinstance(depth, int):
+            depth = None  # not recorded (the class default): the runner checks it after loading
+        return str(config["model_type"]), depth
+    name = args.preset or DEFAULT_PRESET
+    try:
+        preset = get_preset(name)
+    except KeyError as err:
+        raise UsageError(f"argument --preset: {err.args[0]}") from None
+    return preset.family, int(preset.build(None).text_config.num_hidden_layers)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Everything ``vlmcut bench`` can check before building the model; a :class:`vlmcut.cli.UsageError`
+    naming the argument otherwise."""
+    import torch
+
+    from ..cli import UsageError, check_out_dir
+    from ..models.qwen2_vl import QWEN_METHODS
+
+    check_out_dir(args.out)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            "argument --device: cuda was asked for but no CUDA GPU is available; use --device cpu"
+        )
+    family, depth = _family_and_depth(args)
+    source = args.model if args.model is not None else f"preset {args.preset or DEFAULT_PRESET}"
+    if args.layers is not None and depth is not None and args.layers > depth:
+        raise UsageError(
+            f"argument --layers: {source} has {depth} decoder layers; --layers shortens it, so pass 1..{depth}"
+        )
+    if args.image_size is not None and family == "llava":
+        raise UsageError(
+            f"argument --image-size: {source} is LLaVA-1.5, which resizes every image to its tower's square "
+            f"size; --image-size is for LLaVA-NeXT and Qwen2-VL only"
+        )
+    if family == "qwen2_vl" and not set(args.methods) & set(QWEN_METHODS):
+        raise UsageError(
+            f"argument --methods: none of {', '.join(args.methods)} runs on Qwen2-VL ({source}); "
+            f"pass some of {', '.join(QWEN_METHODS)}"
+        )
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .runner import print_summary, run_benchmark
 
+    check_args(args)
     source: str = args.model if args.model is not None else (args.preset or DEFAULT_PRESET)
     result = run_benchmark(
         source,
@@ -44,6 +99,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``bench`` on ``subparsers`` (from ``parser.add_subparsers()``); sets ``func=_cmd_bench``."""
     from ..api import available_methods
+    from ..cli import non_negative_int, positive_int
     from .presets import list_presets
 
     p = subparsers.add_parser(
@@ -66,23 +122,31 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         choices=list_presets(),
         help=f"model-shape preset with random weights (default {DEFAULT_PRESET})",
     )
-    p.add_argument("--layers", type=int, default=None, help="shorten the LLM to N decoder layers (CPU runs)")
+    p.add_argument(
+        "--layers", type=positive_int, default=None, help="shorten the LLM to N decoder layers (CPU runs)"
+    )
     p.add_argument("--methods", nargs="+", default=["flowcut", "random", "grid"], choices=available_methods())
-    p.add_argument("--keeps", nargs="+", type=int, default=[128, 64], help="visual tokens kept per image")
+    p.add_argument(
+        "--keeps", nargs="+", type=positive_int, default=[128, 64], help="visual tokens kept per image"
+    )
     p.add_argument(
         "--image-size",
         nargs=2,
-        type=int,
+        type=positive_int,
         default=None,
         metavar=("H", "W"),
         help="image height and width in pixels (LLaVA-NeXT crops / Qwen2-VL patch grid); default: NeXT the "
         "paper's 640x427 (w x h), Qwen2-VL 448x448",
     )
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
-    p.add_argument("--decode-tokens", type=int, default=8, help="greedy decode steps per prefill (0: skip)")
-    p.add_argument("--text-tokens", type=int, default=65, help="prompt text tokens (default 65, POPE)")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed rounds (default 5)")
+    p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed rounds first (default 2)")
+    p.add_argument(
+        "--decode-tokens", type=non_negative_int, default=8, help="greedy decode steps per prefill (0: skip)"
+    )
+    p.add_argument(
+        "--text-tokens", type=positive_int, default=65, help="prompt text tokens (default 65, POPE)"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument(
         "--dtype",
         default=None,
@@ -90,7 +154,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="default: float32 on CPU, bfloat16 on CUDA",
     )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--no-oracle", action="store_true", help="skip the oracle rows")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--strict", action="store_true", help="exit with status 1 when a target is missed")
@@ -103,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlmcut")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    from ..cli import report_errors
+
+    return report_errors("bench", args.func, args)
 
 
 if __name__ == "__main__":

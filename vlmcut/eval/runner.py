@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..api import prune
+from ..api import available_methods, prune
 from ..inference import build_prompt, generate_answers
 from .scenes import normalize_answer
 
@@ -42,6 +42,19 @@ class EvalResult:
         d = asdict(self)
         d.pop("answers")
         return d
+
+
+def _check_count(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return value
+
+
+def _check_samples(samples: Sequence[Any], dataset: str) -> None:
+    if len(samples) == 0:
+        raise ValueError(f"no samples to evaluate for dataset {dataset!r}; ask for at least one (n >= 1)")
 
 
 def _batches(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
@@ -70,6 +83,8 @@ def predict(
     desc: str = "eval",
 ) -> list[str]:
     """Greedy answers (normalised to the dataset vocabulary) for ``samples`` (``VQASample``s)."""
+    _check_count("batch_size", batch_size)
+    _check_count("max_new_tokens", max_new_tokens)
     tok = processor.tokenizer
     old_side = tok.padding_side
     tok.padding_side = "left"  # generation continues every row at its end
@@ -120,6 +135,13 @@ def evaluate(
     """Evaluate ``model`` on ``samples``: unpruned when ``method`` is None, else pruned for the run only."""
     if (method is None) != (keep is None):
         raise ValueError("give both method and keep for a pruned run, or neither for the unpruned one")
+    _check_samples(samples, dataset)
+    _check_count("batch_size", batch_size)
+    if reference is not None and reference.n != len(samples):
+        raise ValueError(
+            f"the reference run has {reference.n} answers but {len(samples)} samples were given; evaluate "
+            f"the reference on the same samples"
+        )
     t0 = time.perf_counter()
     label = "unpruned" if method is None else f"{method}@{keep}"
     if method is None:
@@ -150,6 +172,20 @@ def sweep(
     progress: bool = True,
 ) -> list[EvalResult]:
     """Unpruned once per dataset, then every method x keep against it."""
+    if not datasets:
+        raise ValueError("datasets is empty; give at least one {name: samples}")
+    if isinstance(methods, str) or not methods:
+        raise ValueError(f"methods must be a non-empty list of method names, got {methods!r}")
+    unknown = [m for m in methods if not isinstance(m, str) or m not in available_methods()]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; available: {available_methods()}")
+    if isinstance(keeps, (int, str)) or not keeps:
+        raise ValueError(f"keeps must be a non-empty list of ints >= 1, got {keeps!r}")
+    for keep in keeps:
+        _check_count("keeps", keep)
+    _check_count("batch_size", batch_size)
+    for name, samples in datasets.items():
+        _check_samples(samples, name)
     results: list[EvalResult] = []
     for name, samples in datasets.items():
         ref = evaluate(model, processor, samples, name, batch_size=batch_size, progress=progress)

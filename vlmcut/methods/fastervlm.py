@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .flowcut import _check_int, _score_dtype, attention_strength, global_query_value
+from .checks import check_feature_layer, check_int
+from .flowcut import _score_dtype, attention_strength, global_query_value
 from .reference import OneShotSelector
 
 
@@ -39,9 +40,8 @@ class FasterVLMConfig:
     feature_layer: int | None = None
 
     def __post_init__(self) -> None:
-        _check_int("keep", self.keep, 1)
-        if self.feature_layer is not None:
-            _check_int("feature_layer", self.feature_layer, -(10**6))
+        check_int("keep", self.keep, 1)
+        check_feature_layer(self.feature_layer)
 
 
 def global_attention(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .flowcut import _check_int, check_keep
+from .checks import check_int, check_keep
 from .llm_base import LLMContext, last_token_attention, top_per_image
 
 
@@ -36,7 +36,7 @@ class FastVConfig:
 
     def __post_init__(self) -> None:
         check_keep(self.keep)
-        _check_int("layer", self.layer, 1)
+        check_int("layer", self.layer, 1)
 
 
 class FastVSelector:

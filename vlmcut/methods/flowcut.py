@@ -27,6 +27,7 @@ from typing import Literal
 
 import torch
 
+from .checks import check_choice, check_feature_layer, check_int, check_keep, check_ratio
 from .llm_base import LLMContext, top_per_image
 
 SemanticScaling = Literal["code", "paper"]
@@ -35,44 +36,6 @@ SemanticScaling = Literal["code", "paper"]
 DEFAULT_HISTORY_WEIGHT = 0.5
 # Sec. 3.3 / Table 11: prune every second layer.
 DEFAULT_PRUNE_INTERVAL = 2
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def check_keep(value: object) -> int | float:
-    """``keep``: an int >= 1 (visual tokens per image) or a float ratio in (0, 1] of each image's tokens.
-
-    Ratios are resolved per image by the model adapters that support them (Qwen2-VL / Qwen2.5-VL:
-    ``max(1, round(ratio * merged tokens))``); the others reject them.
-    """
-    if isinstance(value, float):
-        if value > 1.0:  # most likely a count given as a float
-            raise TypeError(
-                f"keep must be an int count or a float ratio in (0, 1] of each image's visual tokens, got "
-                f"keep={value!r}; pass the count as an int (keep={int(value)}) or a ratio such as keep=0.25"
-            )
-        if not value > 0.0:
-            raise ValueError(
-                f"keep={value!r}: a float keep is a ratio of each image's visual tokens and must be in (0, 1]; "
-                f"pass e.g. keep=0.25, or an int count such as keep=64"
-            )
-        return value
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(
-            f"keep must be an int >= 1 (visual tokens per image) or a float ratio in (0, 1], "
-            f"got {type(value).__name__} ({value!r})"
-        )
-    if value < 1:
-        raise ValueError(
-            f"keep must be >= 1 (visual tokens per image) or a float ratio in (0, 1], got {value}"
-        )
-    return value
 
 
 @dataclass(frozen=True)
@@ -101,20 +64,16 @@ class FlowCutConfig:
 
     def __post_init__(self) -> None:
         check_keep(self.keep)
-        if self.semantic_scaling not in ("code", "paper"):
-            raise ValueError(
-                f"semantic_scaling must be 'code' (the authors' release, unscaled) or 'paper' "
-                f"(divided by sqrt(d)), got {self.semantic_scaling!r}"
-            )
-        w = self.history_weight
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or not 0 <= w < 1:
-            raise ValueError(
-                f"history_weight must be a number in [0, 1) (the current score gets 1 - history_weight; "
-                f"Table 10), got {w!r}"
-            )
-        _check_int("prune_interval", self.prune_interval, 1)
-        if self.feature_layer is not None:
-            _check_int("feature_layer", self.feature_layer, -(10**6))
+        check_choice(
+            "semantic_scaling",
+            self.semantic_scaling,
+            ("code", "paper"),
+            "'code': the authors' release, unscaled; 'paper': divided by sqrt(d)",
+        )
+        # Table 10: the current score gets 1 - history_weight
+        check_ratio("history_weight", self.history_weight, 0.0, 1.0, low_open=False, high_open=True)
+        check_int("prune_interval", self.prune_interval, 1)
+        check_feature_layer(self.feature_layer)
 
     @property
     def current_weight(self) -> float:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .flowcut import check_keep
+from .checks import check_keep, check_layers, check_ratio
 from .llm_base import LLMContext, last_token_attention, top_per_image
 
 PAPER_LAYERS = (8, 16, 24)  # of 32 decoder layers (LLaVA-1.5-7B), Sec. 4 of the paper
@@ -49,14 +49,9 @@ class PDropConfig:
     def __post_init__(self) -> None:
         check_keep(self.keep)
         if self.layers is not None:
-            layers = tuple(self.layers)
-            if not layers or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in layers):
-                raise ValueError(f"layers must be positive ints, got {self.layers!r}")
-            if list(layers) != sorted(set(layers)):
-                raise ValueError(f"layers must be strictly increasing, got {self.layers!r}")
-            object.__setattr__(self, "layers", layers)
-        if self.ratio is not None and not 0 < float(self.ratio) < 1:
-            raise ValueError(f"ratio (lambda) must be in (0, 1), got {self.ratio!r}")
+            object.__setattr__(self, "layers", check_layers("layers", self.layers, 1))
+        if self.ratio is not None:
+            check_ratio("ratio (lambda)", self.ratio, 0, 1)
 
 
 def stage_counts(n: int, depth: int, layers: Sequence[int], keep: float) -> tuple[list[int], float]:

@@ -64,7 +64,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .flowcut import check_keep
+from .checks import check_bool, check_keep, check_layers, check_ratio
 from .llm_base import LLMContext, LLMSelection
 from .pdrop import stage_counts
 
@@ -100,18 +100,10 @@ class SparseVLMConfig:
     def __post_init__(self) -> None:
         check_keep(self.keep)
         if self.layers is not None:
-            layers = tuple(self.layers)
-            if not layers or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in layers):
-                raise ValueError(f"layers must be non-negative ints, got {self.layers!r}")
-            if list(layers) != sorted(set(layers)):
-                raise ValueError(f"layers must be strictly increasing, got {self.layers!r}")
-            object.__setattr__(self, "layers", layers)
-        if not isinstance(self.recycle, bool):
-            raise TypeError(f"recycle must be a bool, got {self.recycle!r}")
-        if not 0 < float(self.recycle_ratio) <= 1:
-            raise ValueError(f"recycle_ratio must be in (0, 1], got {self.recycle_ratio!r}")
-        if not 0 < float(self.cluster_ratio) < 1:
-            raise ValueError(f"cluster_ratio must be in (0, 1), got {self.cluster_ratio!r}")
+            object.__setattr__(self, "layers", check_layers("layers", self.layers, 0))
+        check_bool("recycle", self.recycle)
+        check_ratio("recycle_ratio", self.recycle_ratio, 0, 1, high_open=False)
+        check_ratio("cluster_ratio", self.cluster_ratio, 0, 1)
 
 
 # ---------------------------------------------------------------------------------------------------

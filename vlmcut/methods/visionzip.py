@@ -41,8 +41,8 @@ from typing import Literal
 
 import torch
 
+from .checks import check_feature_layer, check_int
 from .fastervlm import ConsumedLayerSelector, global_attention, top_patches
-from .flowcut import _check_int
 
 MergeRule = Literal["mean", "release"]
 
@@ -77,9 +77,9 @@ class VisionZipConfig:
     feature_layer: int | None = None
 
     def __post_init__(self) -> None:
-        _check_int("keep", self.keep, 1)
+        check_int("keep", self.keep, 1)
         if self.contextual is not None:
-            _check_int("contextual", self.contextual, 0)
+            check_int("contextual", self.contextual, 0)
             if self.contextual > self.keep:
                 raise ValueError(
                     f"contextual={self.contextual} is more than keep={self.keep}; contextual tokens are part "
@@ -90,8 +90,7 @@ class VisionZipConfig:
                 f"merge must be 'mean' (average of the group, target included) or 'release' (the authors' "
                 f"code: target + mean of the others), got {self.merge!r}"
             )
-        if self.feature_layer is not None:
-            _check_int("feature_layer", self.feature_layer, -(10**6))
+        check_feature_layer(self.feature_layer)
 
 
 @dataclass(frozen=True)

