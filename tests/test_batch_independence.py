@@ -89,11 +89,15 @@ def test_qwen2_vl_flowcut() -> None:
     offsets = [0]
     for t, hh, ww in grids:
         offsets.append(offsets[-1] + t * hh * ww)
-    with torch.no_grad(), vlmcut.prune(model, "flowcut", keep=2):
-        feats = image_features(model(**batch))
-        alone = []
-        for i, grid in enumerate(grids):
-            one = tiny_qwen.prompt_inputs(rows[i : i + 1], image_grids=[grid], seed=11)
-            one["pixel_values"] = batch["pixel_values"][offsets[i] : offsets[i + 1]]
-            alone.append(image_features(model(**one)))
-    torch.testing.assert_close(feats, torch.cat(alone), rtol=0, atol=ATOL)
+    merged: list[torch.Tensor] = []  # the merger's output: what the language model receives
+    hook = model.model.visual.merger.register_forward_hook(lambda m, a, out: merged.append(out))
+    try:
+        with torch.no_grad(), vlmcut.prune(model, "flowcut", keep=2):
+            model(**batch)
+            for i, grid in enumerate(grids):
+                one = tiny_qwen.prompt_inputs(rows[i : i + 1], image_grids=[grid], seed=11)
+                one["pixel_values"] = batch["pixel_values"][offsets[i] : offsets[i + 1]]
+                model(**one)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(merged[0], torch.cat(merged[1:]), rtol=0, atol=ATOL)
