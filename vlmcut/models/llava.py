@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..methods.llm_base import LLMSelector
+from .instance import replace_method
 from .llm import DecoderPruner
 from .vit import EncoderPassRecord, EncoderPruner, EncoderSelector, consumed_layer, tower_spec
 
@@ -170,7 +171,6 @@ def wrap_generate(
     """
     if not hasattr(outer, "generate"):
         return lambda: None
-    had_attr = "generate" in vars(outer)
     original = outer.generate
     # The attachment keeps per-generate state (prompt length, counts): one generate at a time per model.
     busy = threading.Lock()
@@ -211,16 +211,7 @@ def wrap_generate(
         out.sequences = full
         return out
 
-    generate.__doc__ = getattr(original, "__doc__", None)
-    outer.generate = generate
-
-    def restore() -> None:
-        if had_attr:
-            outer.generate = original
-        else:
-            del outer.generate
-
-    return restore
+    return replace_method(outer, "generate", generate)
 
 
 # ------------------------------------------------------------------------------------------------------

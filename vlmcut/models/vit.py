@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .instance import replace_method
+
 
 class TokenMerge(Protocol):
     """A selector's result that merges tokens instead of only keeping them.
@@ -380,7 +382,6 @@ def _one_image_at_a_time(
     layers whose token count differs between images are right-padded with zeros to the longest (the layers
     a VLM consumes all have ``K`` tokens). Returns the function that puts the original forward back.
     """
-    had_attr = "forward" in vars(root)
     original = root.forward
 
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -404,16 +405,7 @@ def _one_image_at_a_time(
             end()
         return _join_outputs(outputs)
 
-    forward.__doc__ = getattr(original, "__doc__", None)
-    root.forward = forward
-
-    def restore() -> None:
-        if had_attr:
-            root.forward = original
-        else:
-            del root.forward
-
-    return restore
+    return replace_method(root, "forward", forward)
 
 
 def _join(parts: list[Any]) -> Any:
