@@ -332,3 +332,20 @@ def test_double_prune_is_refused() -> None:
     model = tiny.clip_tower()
     with vlmcut.prune(model, "flowcut", keep=4), pytest.raises(RuntimeError, match="remove"):
         vlmcut.prune(model, "flowcut", keep=4)
+
+
+def test_batch_with_attention_maps_and_hidden_states_joins_padded() -> None:
+    """output_attentions on a batch whose images keep different counts: each image's maps as alone,
+    zero-padded to the largest in both token dims."""
+    model = tiny.clip_tower(layers=10, seed=5, attn="eager")
+    xs = tiny.pixels(3, seed=5)
+    with torch.no_grad(), vlmcut.prune(model, "flowcut", keep=6):
+        batch = model(xs, output_attentions=True, output_hidden_states=True)
+        alone = [model(xs[i : i + 1], output_attentions=True) for i in range(3)]
+    shapes = {tuple(a.shape[2:]) for one in alone for a in one.attentions[:3]}
+    assert len(shapes) > 1  # the images really differ in the early layers
+    for i, one in enumerate(alone):
+        for ours, ref in zip(batch.attentions, one.attentions, strict=True):
+            t = ref.shape[-1]
+            torch.testing.assert_close(ours[i : i + 1, :, :t, :t], ref, rtol=0, atol=0)
+            assert not bool(ours[i, :, t:].any()) and not bool(ours[i, :, :, t:].any())

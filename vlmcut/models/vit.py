@@ -409,13 +409,19 @@ def _one_image_at_a_time(
 
 
 def _join(parts: list[Any]) -> Any:
+    """Concatenate per-image outputs along the batch; tensors whose other dims differ (token counts of early
+    layers, attention maps) are zero-padded at the end of each dim to the largest."""
     first = parts[0]
     if isinstance(first, torch.Tensor):
-        if first.dim() >= 2 and len({p.shape[1] for p in parts}) > 1:  # ragged tokens: right-pad
-            width = max(p.shape[1] for p in parts)
-            parts = [
-                torch.nn.functional.pad(p, (0, 0) * (p.dim() - 2) + (0, width - p.shape[1])) for p in parts
-            ]
+        if first.dim() >= 2 and len({p.shape[1:] for p in parts}) > 1:
+            size = [max(p.shape[d] for p in parts) for d in range(1, first.dim())]
+            padded = []
+            for p in parts:
+                pad: list[int] = []
+                for d in reversed(range(1, p.dim())):
+                    pad += [0, size[d - 1] - p.shape[d]]
+                padded.append(torch.nn.functional.pad(p, pad))
+            parts = padded
         return torch.cat(parts)
     if isinstance(first, tuple):
         return tuple(_join(list(items)) for items in zip(*parts, strict=True))
