@@ -151,15 +151,20 @@ def test_deepcopy_and_pickle_say_what_to_do_and_work_again_after_remove() -> Non
     handle = vlmcut.prune(model, prune["method"], keep=prune["keep"])
     with pytest.raises(RuntimeError, match=r"Call handle.remove\(\), copy the model, then vlmcut.prune"):
         copy.deepcopy(model)
-    with pytest.raises(RuntimeError, match="deepcopy of a pruned"):  # also as part of a bigger module
+    with pytest.raises(RuntimeError, match="copy of a pruned"):  # also as part of a bigger module
         copy.deepcopy(torch.nn.ModuleList([model]))
+    with pytest.raises(RuntimeError, match="or of a module inside it"):  # a part would run the original
+        copy.deepcopy(model.model.vision_tower)
+    with pytest.raises(TypeError, match="cannot be pickled or copied"):
+        copy.copy(model)
     with pytest.raises(TypeError, match=r"save_pretrained"):
         pickle.dumps(model)
     with pytest.raises(TypeError, match=r"state_dict"):
         torch.save(model, io.BytesIO())
     torch.save(model.state_dict(), io.BytesIO())  # the weights are fine
     handle.remove()
-    assert "__deepcopy__" not in vars(model) and "__reduce_ex__" not in vars(model)
+    for module in model.modules():
+        assert not {"__deepcopy__", "__reduce_ex__"} & set(vars(module))
     twin = copy.deepcopy(model)
     with vlmcut.prune(twin, prune["method"], keep=prune["keep"]), torch.no_grad():
         pruned = twin(**inputs).logits
@@ -232,3 +237,26 @@ def test_pixels_off_the_patch_grid_get_a_pixel_message_not_a_placeholder_one() -
             ValueError, match=r"56x55 pixels, not a multiple of the vision tower's patch size 7"
         ):
             model(input_ids=inputs["input_ids"], pixel_values=odd)
+
+
+@pytest.mark.parametrize("where", ["keyword", "generation_config", "model_config"])
+def test_max_length_counts_the_callers_prompt_wherever_it_is_set(where) -> None:
+    """max_length counts the prompt; the pruned prompt is shorter, so it is shortened by the same amount
+    however the caller sets it (a keyword, a GenerationConfig argument, the model's generation config)."""
+    from transformers import GenerationConfig
+
+    model, inputs, prune, suppress = _llava()
+    limit = inputs["input_ids"].shape[1] + 3
+    kwargs = {"do_sample": False, "suppress_tokens": suppress}
+    if where == "keyword":
+        kwargs["max_length"] = limit
+    elif where == "generation_config":
+        kwargs["generation_config"] = GenerationConfig(max_length=limit, pad_token_id=0)
+    else:
+        model.generation_config.max_length = limit
+    with torch.no_grad():
+        base = model.generate(**inputs, **kwargs)
+        with vlmcut.prune(model, prune["method"], keep=prune["keep"]):
+            pruned = model.generate(**inputs, **kwargs)
+    assert base.shape[1] == limit
+    assert pruned.shape == base.shape

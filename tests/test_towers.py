@@ -349,3 +349,30 @@ def test_batch_with_attention_maps_and_hidden_states_joins_padded() -> None:
             t = ref.shape[-1]
             torch.testing.assert_close(ours[i : i + 1, :, :t, :t], ref, rtol=0, atol=0)
             assert not bool(ours[i, :, t:].any()) and not bool(ours[i, :, :, t:].any())
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_two_forwards_then_one_backward_under_checkpointing(reentrant) -> None:
+    """A loss over two pruned forwards (chosen / rejected pairs, contrastive losses) with activation
+    checkpointing: the backward recomputes both forwards' layers with their own recorded choices."""
+    from vlmcut.compat import disable_checkpointing, enable_checkpointing
+
+    model = tiny.clip_tower(layers=8, seed=5).train()
+    a, b = tiny.pixels(2, seed=5), tiny.pixels(2, seed=6)
+
+    def grads() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        with vlmcut.prune(model, "flowcut", keep=8, feature_layer=-2):
+            loss = model(a).pooler_output.sum() + model(b).pooler_output.pow(2).sum()
+            loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    enable_checkpointing(model, use_reentrant=reentrant)
+    try:
+        checkpointed = grads()
+    finally:
+        disable_checkpointing(model)
+    assert plain.keys() == checkpointed.keys() and plain
+    for name, g in plain.items():
+        torch.testing.assert_close(checkpointed[name], g, rtol=1e-10, atol=1e-12)

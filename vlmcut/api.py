@@ -109,32 +109,38 @@ def _pruned_relative(model: nn.Module) -> str | None:
 
 
 def _guard_copies(model: nn.Module) -> Callable[[], None]:
-    """Make ``copy.deepcopy`` and pickling (``torch.save(model)``) of this pruned instance fail with a message
-    that says what to do: a copy would carry hooks bound to the original's state that no handle can remove.
-    Both look these names up on the instance, so nothing is set on a class. Returns the undo function."""
-    names = ("__deepcopy__", "__reduce_ex__")
-    before = {n: model.__dict__[n] for n in names if n in model.__dict__}
+    """Make ``copy.deepcopy``, ``copy.copy`` and pickling (``torch.save(model)``) of this pruned model, or of
+    any module inside it, fail with a message that says what to do: a copy would carry hooks and wrappers
+    bound to the original's state that no handle can remove (a copied tower would even run the original's
+    weights). Python looks these names up on the instance, so nothing is set on a class. Returns the undo
+    function."""
+    kind = type(model).__name__
+    names = ("__deepcopy__", "__reduce_ex__")  # copy.copy goes through __reduce_ex__
 
-    def refuse_copy(memo: Any = None) -> Any:
+    def refuse_copy(*_: Any) -> Any:
         raise RuntimeError(
-            f"copy.deepcopy of a pruned {type(model).__name__}: the copy would share the pruning hooks of the "
-            f"original. Call handle.remove(), copy the model, then vlmcut.prune() each copy"
+            f"copy of a pruned {kind} (or of a module inside it): the copy would share the pruning hooks of "
+            f"the original. Call handle.remove(), copy the model, then vlmcut.prune() each copy"
         )
 
-    def refuse_pickle(protocol: Any = None) -> Any:
+    def refuse_pickle(*_: Any) -> Any:
         raise TypeError(
-            f"a pruned {type(model).__name__} cannot be pickled (torch.save(model) / pickle): save its weights "
-            f"with model.state_dict() or model.save_pretrained(dir) (pruning is not part of the weights; call "
-            f"vlmcut.prune() again after loading), or call handle.remove() first"
+            f"a pruned {kind} (or a module inside it) cannot be pickled or copied (torch.save(model), pickle, "
+            f"copy.copy): save its weights with model.state_dict() or model.save_pretrained(dir) (pruning is "
+            f"not part of the weights; call vlmcut.prune() again after loading), or call handle.remove() first"
         )
 
-    model.__dict__["__deepcopy__"] = refuse_copy
-    model.__dict__["__reduce_ex__"] = refuse_pickle
+    saved: list[tuple[nn.Module, dict[str, Any]]] = []
+    for module in model.modules():
+        saved.append((module, {n: module.__dict__[n] for n in names if n in module.__dict__}))
+        module.__dict__["__deepcopy__"] = refuse_copy
+        module.__dict__["__reduce_ex__"] = refuse_pickle
 
     def undo() -> None:
-        for n in names:
-            model.__dict__.pop(n, None)
-        model.__dict__.update(before)
+        for module, before in saved:
+            for n in names:
+                module.__dict__.pop(n, None)
+            module.__dict__.update(before)
 
     return undo
 

@@ -154,6 +154,22 @@ def compact_prompt(
     return out, new_len
 
 
+def _shorten_lengths(kwargs: dict[str, Any], default_config: Any, removed: int) -> None:
+    """``max_length`` / ``min_length`` count the prompt: shorten them by the ``removed`` placeholders, whether
+    they come as keywords, in a ``generation_config`` argument or in the model's own generation config, so
+    that the same number of new tokens is generated as without pruning (``max_new_tokens`` needs nothing)."""
+    config = kwargs.get("generation_config") or default_config
+    for name, new_tokens in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+        if kwargs.get(name) is not None:
+            kwargs[name] = kwargs[name] - removed
+            continue
+        if kwargs.get(new_tokens) is not None or getattr(config, new_tokens, None) is not None:
+            continue
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            kwargs[name] = max(0, value - removed)
+
+
 def wrap_generate(
     outer: nn.Module,
     compact: Callable[[dict[str, Any]], tuple | None],
@@ -178,8 +194,9 @@ def wrap_generate(
     def generate(*args: Any, **kwargs: Any) -> Any:
         if not busy.acquire(blocking=False):
             raise RuntimeError(
-                "this pruned model is already running generate() (in another thread); a pruned model keeps "
-                "per-call state, so generate with one model per thread or wait for the first call to return"
+                "this pruned model is already running generate() (in another thread, or from a callback of "
+                "that call); a pruned model keeps per-call state, so generate with one model per thread or "
+                "wait for the first call to return"
             )
         try:
             return _generate(*args, **kwargs)
@@ -197,9 +214,7 @@ def wrap_generate(
                 return original(*args, **kwargs)
         new_kwargs, new_len = result[0], result[1]
         caller_ids = kwargs["input_ids"]
-        for name in ("max_length", "min_length"):
-            if new_kwargs.get(name) is not None:
-                new_kwargs[name] = new_kwargs[name] - (caller_ids.shape[1] - new_len)
+        _shorten_lengths(new_kwargs, getattr(outer, "generation_config", None), caller_ids.shape[1] - new_len)
         with session(kwargs, result):
             out = original(*args, **new_kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences

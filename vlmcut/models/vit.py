@@ -20,6 +20,7 @@ The attention itself is untouched: the layer keeps eager / SDPA / FlashAttention
 from __future__ import annotations
 
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -208,7 +209,11 @@ class EncoderPruner:
         # Activation checkpointing re-runs a layer during backward, outside the tower's forward: it must
         # repeat the recorded choice (same input -> same output), not score again.
         self._in_pass = False
-        self._decisions: dict[tuple[int, int], tuple[tuple[int, ...], torch.Tensor | TokenMerge]] = {}
+        # (layer, input storage) -> (output shape, choice); kept across tower calls while gradients are on
+        # (a loss over several forwards recomputes all of them in one backward), bounded in size
+        self._decisions: OrderedDict[tuple[int, int], tuple[tuple[int, ...], torch.Tensor | TokenMerge]] = (
+            OrderedDict()
+        )
         self._images: list[tuple[torch.Tensor | None, list[int]]] = []  # per-image passes of one call
         self._restore_forward: Callable[[], None] = lambda: None
         self._install()
@@ -229,7 +234,8 @@ class EncoderPruner:
 
     def _on_tower_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._in_pass = True
-        self._decisions = {}
+        if not torch.is_grad_enabled():  # no backward can recompute these layers
+            self._decisions.clear()
         self._images = []
         pixels = args[0] if args else kwargs.get("pixel_values")
         set_keys = getattr(self.selector, "set_image_keys", None)
@@ -318,8 +324,11 @@ class EncoderPruner:
                     )
                 q, k, v = (self._heads(qkv[n]) for n in ("q_proj", "k_proj", "v_proj"))
                 idx = self.selector.step(i, q, k, v, spec.scales[i], spec.has_cls)
-                if idx is not None:
+                if idx is not None:  # (reentrant checkpointing runs this forward under no_grad)
                     self._decisions[key] = (tuple(hidden.shape), idx)
+                    self._decisions.move_to_end(key)
+                    while len(self._decisions) > _MAX_DECISIONS:
+                        self._decisions.popitem(last=False)
                 if isinstance(idx, torch.Tensor):
                     hidden = _gather_tokens(hidden, idx, spec.has_cls)
                     self._orig_idx = torch.gather(self._orig_idx, 1, idx)
@@ -353,7 +362,12 @@ class EncoderPruner:
         self._restore_forward()
         self._restore_forward = lambda: None
         self._qkv = {}
-        self._decisions = {}
+        self._decisions.clear()
+
+
+# Recorded choices kept for checkpoint recomputes (each a small index tensor): enough for many forwards
+# between two backward passes.
+_MAX_DECISIONS = 1024
 
 
 def _content_key(x: torch.Tensor) -> int:
