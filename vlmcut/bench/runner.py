@@ -1311,8 +1311,6 @@ def run_benchmark(
     is_image = inputs["input_ids"] == parts.image_token_id
     per_image = int(is_image[0].sum())
     text = ((~is_image) & inputs["attention_mask"].bool()).sum(dim=1).tolist()
-    pad = getattr(config.text_config, "pad_token_id", None)
-    pad = 0 if pad is None else int(pad)
     import inspect
 
     logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -1374,7 +1372,7 @@ def run_benchmark(
                 )
             )
         if oracle_skipped is None and any(v.row.name == f"flowcut@{keep}" for v in variants):
-            variants.append(_ORACLES[family](model, parts, inputs, keep, text, row_of, logits_to_keep, pad))
+            variants.append(_ORACLES[family](model, parts, inputs, keep, text, row_of, logits_to_keep))
     if len(variants) == 1:
         raise ValueError(
             f"nothing to benchmark on {type(model).__name__} besides the unpruned model: "
@@ -1574,7 +1572,6 @@ def _oracle_llava(
     text: Sequence[int],
     row_of: _RowMaker,
     logits_to_keep: bool,
-    pad: int,
 ) -> _Variant:
     """LLaVA-1.5: record FlowCut's gathers once; replay them in the tower on a prompt of ``K`` placeholders."""
     spec, cfg = METHODS["flowcut"], FlowCutConfig(keep=keep)
@@ -1610,7 +1607,6 @@ def _oracle_llava_next(
     text: Sequence[int],
     row_of: _RowMaker,
     logits_to_keep: bool,
-    pad: int,
 ) -> _Variant:
     """LLaVA-NeXT: FlowCut's two stages recorded (per-crop tower gathers, the decoder-layer-1 keep mask) and
     replayed on a prompt already cut to the packed layout."""
@@ -1672,7 +1668,6 @@ def _oracle_qwen(
     text: Sequence[int],
     row_of: _RowMaker,
     logits_to_keep: bool,
-    pad: int,
 ) -> _Variant:
     """Qwen2-VL: FlowCut's merge-unit gathers (per scoring group) and decoder-layer-1 keep mask, replayed."""
     spec, cfg = METHODS["flowcut"], FlowCutConfig(keep=keep)
