@@ -82,3 +82,14 @@ def test_wheel_metadata_names_vlmcut_its_cli_and_the_tested_range(wheel: zipfile
     assert len(requires) == 1 and all(bound in requires[0] for bound in TESTED_TRANSFORMERS), requires
     entry_points = wheel.read(info.replace("METADATA", "entry_points.txt")).decode()
     assert "vlmcut = vlmcut.cli:main" in entry_points
+
+
+def test_tested_range_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vlmcut import compat
+    from vlmcut.bench.table5 import check_transformers
+
+    for version, inside in (((5, 17, 0), False), ((5, 19, 0), True), ((5, 24, 9), True), ((5, 25, 0), False)):
+        monkeypatch.setattr(compat, "TRANSFORMERS_VERSION", version)
+        assert (compat.outside_tested_range() is None) is inside, version
+        assert (check_transformers() is None) is inside
+    assert "--any-transformers" in check_transformers()

@@ -33,6 +33,20 @@ def _version(text: str) -> tuple[int, ...]:
 
 TRANSFORMERS_VERSION = _version(transformers.__version__)
 
+
+def outside_tested_range() -> str | None:
+    """A message when the installed ``transformers`` is outside ``TESTED_TRANSFORMERS``, else ``None``."""
+    checks = {">=": lambda v: TRANSFORMERS_VERSION >= v, "<": lambda v: TRANSFORMERS_VERSION < v}
+    for bound in TESTED_TRANSFORMERS:
+        op = ">=" if bound.startswith(">=") else "<"
+        if not checks[op](_version(bound[len(op) :])):
+            return (
+                f"transformers {transformers.__version__} is outside the tested range "
+                f"{','.join(TESTED_TRANSFORMERS)}"
+            )
+    return None
+
+
 # the keyword a model forward takes for its KV cache in this release
 CACHE_KWARG = "cache" if TRANSFORMERS_VERSION >= (5, 24) else "past_key_values"
 _CACHE_NAMES = ("cache", "past_key_values")

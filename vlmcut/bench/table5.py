@@ -571,36 +571,14 @@ def _env(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def _parse_version(text: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
-
-
 def check_transformers() -> str | None:
     """A message when the installed ``transformers`` is outside the declared range, else ``None``."""
-    from .. import compat
+    from ..compat import outside_tested_range
 
-    bounds = getattr(compat, "TESTED_TRANSFORMERS", ())
-    have = compat.TRANSFORMERS_VERSION
-    for bound in bounds:
-        m = re.match(r"\s*(>=|<=|<|>|==)\s*([\d.]+)", bound)
-        if not m:
-            continue
-        op, ver = m[1], _parse_version(m[2])
-        ok = {
-            ">=": have >= ver,
-            "<=": have <= ver,
-            "<": have < ver,
-            ">": have > ver,
-            "==": have == ver,
-        }[op]
-        if not ok:
-            import transformers
-
-            return (
-                f"transformers {transformers.__version__} is outside the tested range {','.join(bounds)}; "
-                "carry the locked wheel in .whl/ (see scripts/gpu_table.sh) or pass --any-transformers"
-            )
-    return None
+    problem = outside_tested_range()
+    if problem is None:
+        return None
+    return f"{problem}; carry the locked wheel in .whl/ (see scripts/gpu_table.sh) or pass --any-transformers"
 
 
 def run(
