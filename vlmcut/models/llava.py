@@ -154,6 +154,11 @@ def compact_prompt(
     return out, new_len
 
 
+def unchanged_hint(kind: str = "image") -> str:
+    """The end of every placeholder-count error: what the caller should pass instead."""
+    return f"Pass the processor's output unchanged: one <{kind}> per {kind} in the text, and the processor expands each."
+
+
 def _shorten_lengths(kwargs: dict[str, Any], default_config: Any, removed: int) -> None:
     """``max_length`` / ``min_length`` count the prompt: shorten them by the ``removed`` placeholders, whether
     they come as keywords, in a ``generation_config`` argument or in the model's own generation config, so
@@ -370,8 +375,7 @@ class LlavaAttachment:
         if total != n_images * per_image:
             raise ValueError(
                 f"input_ids hold {total} image placeholders for {n_images} image(s); expected "
-                f"{per_image} per image. Pass the processor's output unchanged: one <image> per image in the "
-                f"text, and the processor expands each."
+                f"{per_image} per image. {unchanged_hint()}"
             )
         drop = placeholder_drop_mask(ids, self.image_token_id, per_image, kept)
         return compact_prompt(inputs, drop, self.pad_token_id)

@@ -58,7 +58,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .llava import call_inputs, check_feature_options, compact_prompt, wrap_generate
+from .llava import call_inputs, check_feature_options, compact_prompt, unchanged_hint, wrap_generate
 from .vit import EncoderPassRecord, EncoderPruner, EncoderSelector, consumed_layer, tower_spec
 
 
@@ -520,8 +520,7 @@ class LlavaNextAttachment:
         else:  # generate's own forwards carry encoded features, never pixels with a cut prompt
             raise ValueError(
                 f"input_ids hold {total} image placeholders for {len(layouts)} image(s); expected {per_image} "
-                f"(as the processor expands them). Pass the processor's output unchanged: one <image> per "
-                f"image in the text, and the processor expands each."
+                f"(as the processor expands them). {unchanged_hint()}"
             )
         out.pop("pixel_values", None)
         out.pop("image_sizes", None)

@@ -65,6 +65,7 @@ from .llava import (
     check_feature_options,
     compact_prompt,
     placeholder_drop_mask,
+    unchanged_hint,
     wrap_generate,
 )
 from .llm import DecoderPruner
@@ -417,8 +418,7 @@ class VideoLlavaAttachment:
             if total != count * block:
                 raise ValueError(
                     f"input_ids hold {total} {kind} placeholders for {count} {kind}(s); expected {block} per "
-                    f"{kind}. Pass the processor's output unchanged: one <{kind}> per {kind} in the text, and "
-                    f"the processor expands each."
+                    f"{kind}. {unchanged_hint(kind)}"
                 )
             drop |= placeholder_drop_mask(ids, token, block, kept)
         if not bool(drop.any()):
