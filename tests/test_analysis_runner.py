@@ -1,4 +1,4 @@
-"""vlmcut.analysis.runner / report / cli_analyze on tiny real towers (tests/tiny.py)."""
+"""vlmcut.analysis.runner / report / cli.analyze on tiny real towers (tests/tiny.py)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import tiny
 import torch
 
 import vlmcut
-from vlmcut.analysis.cli_analyze import add_parser
 from vlmcut.analysis.report import analyze_images
 from vlmcut.analysis.runner import analyze_tower
+from vlmcut.cli.analyze import add_parser
 
 KEEP = 16  # of 64 patches
 

@@ -13,13 +13,15 @@ import pytest
 import torch
 
 from vlmcut.bench.flops import kv_cache_bytes, model_shape, prefill_breakdown
+from vlmcut.bench.loading import bench_image_size, load_model
 from vlmcut.bench.presets import (
     build_preset_model,
     llava_next_num_crops,
     num_image_tokens,
     preset_config,
 )
-from vlmcut.bench.runner import EXEC_CONVENTION, BenchResult, bench_image_size, load_model, run_benchmark
+from vlmcut.bench.results import BenchResult
+from vlmcut.bench.runner import EXEC_CONVENTION, run_benchmark
 
 NEXT_KEEPS = (32, 16)  # tiny-llava-next: 5 crops of 64 patches, 224 patch tokens + 10 newlines at 213x142
 QWEN_SIZE = (112, 112)  # tiny-qwen2-vl: 8 x 8 patches -> 16 merged tokens
@@ -197,7 +199,7 @@ def test_qwen_skips_unsupported_method(qwen: BenchResult) -> None:
     assert not any(r.method == "random" for r in qwen.rows)
     (note,) = qwen.meta["skipped"]
     assert note.startswith("random: not supported on Qwen2VLForConditionalGeneration")
-    assert "flowcut, fastv, pdrop, sparsevlm" in note
+    assert "supported methods on Qwen2-VL / Qwen2.5-VL: fastv, flowcut, pdrop, sparsevlm" in note
     assert "## Skipped" in qwen.to_markdown() and note in qwen.to_markdown()
 
 
@@ -214,7 +216,7 @@ def test_load_model_from_directory_picks_the_class(tmp_path) -> None:
 
 
 def test_cli_qwen_writes_files(tmp_path, capsys) -> None:
-    from vlmcut.bench.cli_bench import add_parser
+    from vlmcut.cli.bench import add_parser
 
     parser = argparse.ArgumentParser(prog="flowcut")
     add_parser(parser.add_subparsers(dest="command", required=True))

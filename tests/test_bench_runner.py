@@ -1,4 +1,4 @@
-"""The efficiency benchmark runner (vlmcut.bench.runner) and its CLI, on the tiny LLaVA preset.
+"""The efficiency benchmark (vlmcut.bench.runner and the modules it uses) and its CLI, on the tiny LLaVA.
 
 No timing assertions: only structure, analytic consistency and the written files. LLaVA-NeXT and Qwen2-VL:
 tests/test_bench_models.py.
@@ -20,16 +20,11 @@ from vlmcut.bench.flops import (
     prefill_breakdown,
     prefill_tflops,
 )
-from vlmcut.bench.runner import (
-    EXEC_CONVENTION,
-    BenchResult,
-    ReplayLLMSelector,
-    ReplaySelector,
-    SelectionClock,
-    cache_bytes,
-    run_benchmark,
-    timed_spec,
-)
+from vlmcut.bench.memory import cache_bytes
+from vlmcut.bench.oracle import ReplayLLMSelector, ReplaySelector
+from vlmcut.bench.results import BenchResult
+from vlmcut.bench.runner import EXEC_CONVENTION, run_benchmark
+from vlmcut.bench.selection import SelectionClock, timed_spec
 
 KEEPS = (32, 16)  # the tiny tower has 64 patches
 METHODS = ("flowcut", "random", "grid", "fastv")
@@ -212,7 +207,7 @@ def test_replay_selectors_and_cache_bytes() -> None:
 
 
 def test_cli(tmp_path, capsys) -> None:
-    from vlmcut.bench.cli_bench import add_parser
+    from vlmcut.cli.bench import add_parser
 
     parser = argparse.ArgumentParser(prog="flowcut")
     add_parser(parser.add_subparsers(dest="command", required=True))
@@ -300,14 +295,14 @@ def test_oracle_replays_per_image_passes_exactly() -> None:
     replays them in order, so its outputs equal FlowCut's bitwise on a batch whose images disagree."""
     import tiny
 
-    from vlmcut.bench.runner import _RecordingSelector
+    from vlmcut.bench.oracle import RecordingSelector
     from vlmcut.methods.flowcut import FlowCutConfig, FlowCutSelector
     from vlmcut.models.vit import EncoderPruner, tower_spec
 
     model = tiny.clip_tower(layers=10, seed=5)
     xs = tiny.pixels(3, seed=5)
     spec = tower_spec(model)
-    recorder = _RecordingSelector(FlowCutSelector(FlowCutConfig(keep=6), keep=6))
+    recorder = RecordingSelector(FlowCutSelector(FlowCutConfig(keep=6), keep=6))
     pruner = EncoderPruner(spec, recorder, consume_layer=9)
     with torch.no_grad():
         ref = model(xs, output_hidden_states=True)
@@ -327,3 +322,34 @@ def test_oracle_replays_per_image_passes_exactly() -> None:
                     assert torch.equal(a, b)
     finally:
         replay.remove()
+
+
+def test_oracle_records_and_replays_through_prune() -> None:
+    """One mechanism for every family: FlowCut's selectors are recorded through ``vlmcut.prune`` and replayed
+    through it (LLaVA-NeXT: one vision selector per crop budget plus the decoder-layer-1 stage); the replay
+    keeps exactly FlowCut's tokens, a record it does not reproduce is reported, and a replay whose selectors
+    are not asked for in the recorded order is refused before it runs."""
+    import dataclasses
+
+    from vlmcut.api import METHODS as REGISTRY
+    from vlmcut.bench.loading import bench_image_size
+    from vlmcut.bench.oracle import record_choices
+    from vlmcut.bench.presets import build_preset_model, example_inputs
+    from vlmcut.bench.tokens import forward_once
+
+    model = build_preset_model("tiny-llava-next")
+    inputs = example_inputs(model.config, text_tokens=16, image_size=bench_image_size(model.config))
+    rec = record_choices(model, REGISTRY["flowcut"], 16, lambda: forward_once(model, inputs, True))
+    assert len(rec.vision) >= 1 and len(rec.llm) == 1 and len(rec.llm_kept_positions) == 1
+    assert all(r is not None and r.passes for _, r in rec.vision[1:])  # budgets beyond the first: used
+    with rec.attach(model) as handle:
+        forward_once(model, inputs, True)
+        rec.verify(handle)
+        assert handle.method == "flowcut" and handle.tokens_per_layer == rec.tokens_per_layer
+        with pytest.raises(RuntimeError, match="did not reproduce flowcut's language-model stage"):
+            dataclasses.replace(rec, llm_kept_positions=[]).verify(handle)
+    with pytest.raises(RuntimeError, match="asked for a budget of"):
+        dataclasses.replace(rec, keep=8).attach(model)
+    with rec.attach(model) as handle:  # the refused replay left nothing attached
+        forward_once(model, inputs, True)
+        rec.verify(handle)

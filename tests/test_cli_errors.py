@@ -257,8 +257,8 @@ def test_foreign_value_error_gets_a_debug_hint(monkeypatch, capsys) -> None:
 
 
 def test_bench_module_main_reports_one_line(paths, capsys) -> None:
-    """``python -m vlmcut.bench.cli_bench`` goes through the same handler."""
-    from vlmcut.bench import cli_bench
+    """``python -m vlmcut.cli.bench`` goes through the same handler."""
+    from vlmcut.cli import bench as cli_bench
 
     for argv, fragment in (
         (["--preset", "tiny", "--keeps", "16", "--repeats", "0"], "--repeats"),

@@ -9,8 +9,8 @@ import tiny
 import torch
 from PIL import Image
 
-from vlmcut.analysis.overlay import kept_patch_overlay, processed_image
 from vlmcut.cli import main
+from vlmcut.overlay import kept_patch_overlay, processed_image
 
 
 def test_flowcut_run_end_to_end(tmp_path, capsys) -> None:

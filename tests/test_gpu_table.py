@@ -18,7 +18,7 @@ import pytest
 
 from vlmcut.bench.flops import PAPER_TFLOPS
 from vlmcut.bench.presets import llava_next_num_crops, num_image_tokens, preset_config
-from vlmcut.bench.runner import TARGET_FLOPS_FRACTION, BenchResult, BenchRow
+from vlmcut.bench.results import TARGET_FLOPS_FRACTION, BenchResult, BenchRow
 from vlmcut.bench.table5 import (
     DRY_SPECS,
     PAPER_PREFILL_MS,

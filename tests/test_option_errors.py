@@ -18,8 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import vlmcut
-from vlmcut.api import _ATTACHED, METHODS
-from vlmcut.methods import checks
+from vlmcut.api import _ATTACHED
+from vlmcut.methods import base as checks
+from vlmcut.methods.base import METHODS
 
 
 def _real(x: Any) -> bool:
@@ -48,11 +49,6 @@ RULES: dict[str, Callable[[Any, dict[str, Any]], bool | None]] = {
     "semantic_scaling": lambda x, _: isinstance(x, str) and x in ("code", "paper"),
     "history_weight": lambda x, _: _real(x) and 0 <= x < 1,
     "prune_interval": lambda x, _: _int(x) and x >= 1,
-    # Any int is a hidden_states index (checked against the tower when attached); FlowCut's own check also
-    # refuses those below -10**6, so there either outcome is right (None).
-    "feature_layer": lambda x, _: (
-        True if x is None or (_int(x) and x >= -(10**6)) else (None if _int(x) else False)
-    ),
     "layer": lambda x, _: _int(x) and x >= 1,
     "ratio": lambda x, _: x is None or (_real(x) and 0 < x < 1),
     "recycle": lambda x, _: isinstance(x, bool),
@@ -164,9 +160,6 @@ EXPLICIT: list[tuple[str, dict[str, Any], type[Exception], str]] = [
     ("random", {"seed": -1}, ValueError, "seed"),
     ("random", {"seed": 2**64}, ValueError, "seed"),
     ("random", {"seed": "0"}, TypeError, "seed"),
-    ("random", {"feature_layer": "last"}, TypeError, "feature_layer"),
-    ("grid", {"feature_layer": 1.5}, TypeError, "feature_layer"),
-    ("fastervlm", {"feature_layer": True}, TypeError, "feature_layer"),
     ("visionzip", {"contextual": -1}, ValueError, "contextual"),
     ("visionzip", {"contextual": 9}, ValueError, "contextual"),
     ("visionzip", {"contextual": 2.0}, TypeError, "contextual"),
@@ -295,3 +288,22 @@ def test_checks_messages(call, fragment) -> None:
     with pytest.raises((TypeError, ValueError)) as info:
         call()
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("method", "value", "exc"),
+    [
+        ("random", "last", TypeError),
+        ("grid", 1.5, TypeError),
+        ("fastervlm", True, TypeError),
+        ("flowcut", 99, ValueError),
+    ],
+)
+def test_feature_layer_is_a_tower_option(method, value, exc) -> None:
+    """``feature_layer`` belongs to the bare-tower family, not to any method: a bad value on a tower names it;
+    on LLaVA (which reads vision_feature_layer from its config) any value is refused."""
+    tower = tiny.clip_tower()
+    with pytest.raises(exc, match="feature_layer"):
+        vlmcut.prune(tower, method, keep=8, feature_layer=value)
+    assert tower not in _ATTACHED and _no_hooks(tower)
+    assert "feature_layer" not in options_of(method)

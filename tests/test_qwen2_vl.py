@@ -370,7 +370,9 @@ def test_errors_are_actionable() -> None:
         vlmcut.prune(model, "flowcut", keep=1.5)
     with pytest.raises(TypeError, match="keep must be an int"):
         vlmcut.prune(model, "fastv", keep="64")
-    with pytest.raises(ValueError, match="supported methods: flowcut, fastv, pdrop, sparsevlm"):
+    with pytest.raises(
+        ValueError, match="supported methods on Qwen2-VL .*: fastv, flowcut, pdrop, sparsevlm"
+    ):
         vlmcut.prune(model, "grid", keep=4)
     with pytest.raises(ValueError, match="video_budget"):
         vlmcut.prune(model, "flowcut", keep=4, video_budget="per_second")

@@ -7,7 +7,7 @@ handle.remove()                                     # exactly as before
 
 from __future__ import annotations
 
-from .api import PruneHandle, available_methods, prune
+from .api import PruneHandle, available_methods, prune, supported
 from .methods.fastervlm import FasterVLMConfig
 from .methods.fastv import FastVConfig
 from .methods.flowcut import FlowCutConfig
@@ -28,5 +28,6 @@ __all__ = [
     "VisionZipConfig",
     "available_methods",
     "prune",
+    "supported",
 ]
 __version__ = "0.1.0"

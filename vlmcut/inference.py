@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .analysis.overlay import kept_patch_overlay, processed_image
 from .api import prune
-from .bench.timing import StageTimer, StageTimes
-from .models.llava import llava_parts
+from .models.registry import ModelParts, adapter_for
+from .overlay import kept_patch_overlay, processed_image
+from .timing import StageTimer, StageTimes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -119,12 +119,15 @@ class Answer:
     tokens_per_layer: list[int] = field(default_factory=list)
 
 
-def _inner(model: Any) -> Any:
-    """The ``LlavaModel`` holding ``vision_tower`` and ``language_model``."""
-    parts = llava_parts(model)
+def _parts(model: Any) -> ModelParts:
+    """The vision stage and the language model of a model with a language-model head."""
+    parts = adapter_for(model).parts(model)
     if parts is None:
-        raise TypeError(f"{type(model).__name__} is not a LLaVA model")
-    return parts[1]
+        raise TypeError(
+            f"{type(model).__name__} has no language-model head to answer with; load the "
+            f"...ForConditionalGeneration class (e.g. LlavaForConditionalGeneration)"
+        )
+    return parts
 
 
 @torch.no_grad()
@@ -143,8 +146,8 @@ def ask(
     model: Any, processor: Any, image: Image.Image, prompt: str, max_new_tokens: int = 32
 ) -> tuple[str, StageTimes, float]:
     """Greedy answer to ``prompt`` about ``image`` with its stage timings."""
-    inner = _inner(model)
-    with StageTimer(inner.vision_tower, inner.language_model) as timer:
+    parts = _parts(model)
+    with StageTimer(parts.vision, parts.llm) as timer:
         t0 = time.perf_counter()
         text = generate_answers(model, processor, [image], [prompt], max_new_tokens)[0]
         total = time.perf_counter() - t0
@@ -167,7 +170,7 @@ def compare(
     with prune(model, method, keep=keep, **options) as handle:
         p_text, p_times, p_total = ask(model, processor, image, prompt, max_new_tokens)
     # Visual tokens the language model reads: the patches the tower saw, plus CLS with the "full" strategy.
-    n_full = handle.num_patches + int(_inner(model).config.vision_feature_select_strategy == "full")
+    n_full = handle.num_patches + int(model.config.vision_feature_select_strategy == "full")
     base = Answer(text, n_full, times, total)
     pruned = Answer(
         p_text,
@@ -186,7 +189,7 @@ def save_overlay(
     """Write the model's view of ``image`` with the kept patches highlighted."""
     ip = processor.image_processor
     pv = ip(images=[image], return_tensors="pt")["pixel_values"][0]
-    ps = _inner(model).config.vision_config.patch_size
+    ps = model.config.vision_config.patch_size
     grid = (pv.shape[-2] // ps, pv.shape[-1] // ps)
     view = processed_image(pv, ip.image_mean, ip.image_std)
     out = kept_patch_overlay(view, kept, grid)

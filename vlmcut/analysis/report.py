@@ -29,7 +29,6 @@ from PIL import Image
 from torch import Tensor, nn
 
 from vlmcut.analysis.metrics import CRITERIA, value_norm_summary
-from vlmcut.analysis.overlay import kept_patch_overlay, processed_image, side_by_side
 from vlmcut.analysis.plots import (
     DPI,
     plot_criteria_overlap,
@@ -38,6 +37,7 @@ from vlmcut.analysis.plots import (
     plot_value_norm_boxes,
 )
 from vlmcut.analysis.runner import AnalysisResult, analyze_tower
+from vlmcut.overlay import kept_patch_overlay, processed_image, side_by_side
 
 __all__ = ["analyze_images", "image_preprocessor", "write_report"]
 

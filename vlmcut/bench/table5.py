@@ -219,7 +219,7 @@ def model_table(
     error: str | None = None,
     bench_dir: str | None = None,
 ) -> dict[str, Any]:
-    """One model's part of ``table5.json`` from a finalised :class:`~vlmcut.bench.runner.BenchResult`.
+    """One model's part of ``table5.json`` from a finalised :class:`~vlmcut.bench.results.BenchResult`.
 
     ``methods``: the methods that were asked for; every ``method x keep`` (and the oracle per keep) either
     has a row or is listed under ``skipped`` with a reason. ``result=None`` with ``error``: the model failed.
@@ -301,7 +301,7 @@ def targets(models: Sequence[dict[str, Any]], specs: Sequence[ModelSpec], meanin
     """The issue's targets: FlowCut's prefill speed-up at the paper's keep >= the paper's (1.6x on
     LLaVA-1.5 at 64, 3.2x on LLaVA-NeXT at 160), and FlowCut's speed-up >= 90 % of the FLOPs-allowed one
     (the row's ``flops_fraction``) at every keep."""
-    from .runner import TARGET_FLOPS_FRACTION
+    from .results import TARGET_FLOPS_FRACTION
 
     out: list[dict[str, Any]] = []
     for spec, table in zip(specs, models, strict=True):

@@ -42,10 +42,10 @@ RESAMPLE_MODES: dict[str, Image.Resampling] = {
     "bicubic": Image.Resampling.BICUBIC,
 }
 
-_EASY_SHAPES = ("circle", "rectangle", "triangle")
-_EASY_COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
-_SHAPE_RE = re.compile(rf"\b({'|'.join(_EASY_SHAPES)})\b")
-_COLOR_RE = re.compile(rf"\b({'|'.join(_EASY_COLORS)})\b")
+EASY_SHAPES = ("circle", "rectangle", "triangle")
+EASY_COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+SHAPE_RE = re.compile(rf"\b({'|'.join(EASY_SHAPES)})\b")
+COLOR_RE = re.compile(rf"\b({'|'.join(EASY_COLORS)})\b")
 _NEGATION_RE = re.compile(r"\b(not|no)\b")
 _COLOR_QUESTION_RE = re.compile(r"^what (color is|is the color of)\b")
 _SHAPE_QUESTION_RE = re.compile(r"^what (shape|is the \w+ shape)\b")
@@ -68,11 +68,11 @@ def classify_question(question: str) -> tuple[str, str]:
     """``(family, subfamily)`` of an easy-VQA question, from its template."""
     text = question.strip().lower()
     if _COLOR_QUESTION_RE.match(text):
-        return "color", "named_shape" if _SHAPE_RE.search(text) else "generic"
+        return "color", "named_shape" if SHAPE_RE.search(text) else "generic"
     if _SHAPE_QUESTION_RE.match(text):
-        return "shape", "named_color" if _COLOR_RE.search(text) else "generic"
+        return "shape", "named_color" if COLOR_RE.search(text) else "generic"
     if text.startswith(("is ", "does ")):
-        kind = "color" if _COLOR_RE.search(text) else "shape"
+        kind = "color" if COLOR_RE.search(text) else "shape"
         return "existence", f"{kind}_negated" if _NEGATION_RE.search(text) else kind
     raise ValueError(f"unrecognised easy-VQA question template: {question!r}")
 

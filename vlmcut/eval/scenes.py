@@ -273,7 +273,7 @@ def _shape_polygon(shape: str, x: float, y: float, r: float) -> list[tuple[float
     raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
 
 
-def _draw_object(
+def draw_object(
     draw: ImageDraw.ImageDraw, obj: SceneObject, fill: int | tuple[int, int, int], scale: float
 ) -> None:
     x, y, r = obj.x * scale, obj.y * scale, obj.radius * scale
@@ -287,7 +287,7 @@ def _draw_object(
 def _object_mask(obj: SceneObject, size: int) -> np.ndarray:
     """Boolean footprint of an object at output resolution (used for the occlusion bound)."""
     canvas = Image.new("L", (size, size), 0)
-    _draw_object(ImageDraw.Draw(canvas), obj, 255, 1.0)
+    draw_object(ImageDraw.Draw(canvas), obj, 255, 1.0)
     return np.asarray(canvas) > 0
 
 
@@ -429,7 +429,7 @@ def render_scene(scene: Scene) -> Image.Image:
     )
     draw = ImageDraw.Draw(big)
     for obj in scene.objects:
-        _draw_object(draw, obj, COLORS[obj.color], float(SUPERSAMPLE))
+        draw_object(draw, obj, COLORS[obj.color], float(SUPERSAMPLE))
     return big.resize((size, size), Image.Resampling.BOX)
 
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import check_feature_layer, check_int
-from .flowcut import _score_dtype, attention_strength, global_query_value
+from .base import MethodSpec, check_int, register_method
+from .flowcut import attention_strength, global_query_value, score_dtype
 from .reference import OneShotSelector
 
 
@@ -32,16 +32,12 @@ class FasterVLMConfig:
 
     Args:
         keep: visual (patch) tokens per image for the consumer (the paper's ``576 * (1 - R)``).
-        feature_layer: for bare vision towers only: the ``hidden_states`` index the caller will read
-            (default ``-1``: the last layer). LLaVA reads it from its config (``vision_feature_layer``).
     """
 
     keep: int
-    feature_layer: int | None = None
 
     def __post_init__(self) -> None:
         check_int("keep", self.keep, 1)
-        check_feature_layer(self.feature_layer)
 
 
 def global_attention(
@@ -52,7 +48,7 @@ def global_attention(
     q, k, v: ``(B, H, T, d)`` -> ``(B, N)``, ``N = T - 1`` with a CLS token, else ``T``. The softmax runs over
     all ``T`` keys (CLS included), so the patch scores sum to less than 1 when there is a CLS token.
     """
-    dtype = _score_dtype(q.dtype)
+    dtype = score_dtype(q.dtype)
     q_g, _ = global_query_value(q.to(dtype), v.to(dtype), has_cls)  # (B, H, d)
     return attention_strength(q_g, k.to(dtype), scale, has_cls)
 
@@ -78,3 +74,8 @@ class FasterVLMSelector(ConsumedLayerSelector):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, has_cls: bool
     ) -> torch.Tensor:
         return top_patches(global_attention(q, k, v, scale, has_cls), self.keep)
+
+
+register_method(
+    MethodSpec("fastervlm", FasterVLMConfig, make_selector=lambda cfg, keep: FasterVLMSelector(cfg, keep))
+)

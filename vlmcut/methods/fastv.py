@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import check_int, check_keep
+from .base import MethodSpec, check_int, check_keep, register_method
 from .llm_base import LLMContext, last_token_attention, top_per_image
 
 
@@ -54,3 +54,13 @@ class FastVSelector:
             return None
         with torch.no_grad():
             return top_per_image(last_token_attention(ctx), ctx, self.keep)
+
+
+register_method(
+    MethodSpec(
+        "fastv",
+        FastVConfig,
+        make_selector=None,
+        make_llm_selector=lambda cfg, keep: FastVSelector(cfg, keep),
+    )
+)

@@ -27,7 +27,7 @@ from typing import Literal
 
 import torch
 
-from .checks import check_choice, check_feature_layer, check_int, check_keep, check_ratio
+from .base import MethodSpec, check_choice, check_int, check_keep, check_ratio, register_method
 from .llm_base import LLMContext, top_per_image
 
 SemanticScaling = Literal["code", "paper"]
@@ -52,15 +52,12 @@ class FlowCutConfig:
         prune_interval: prune when the number of remaining layers before the consumed one is a multiple
             of this (default 2, Table 11). A value larger than the encoder depth prunes only once, at
             the last possible layer.
-        feature_layer: for bare vision towers only: the ``hidden_states`` index the caller will read
-            (default ``-1``: the last layer). Composite models (LLaVA) read it from their config.
     """
 
     keep: int | float
     semantic_scaling: SemanticScaling = "code"
     history_weight: float = DEFAULT_HISTORY_WEIGHT
     prune_interval: int = DEFAULT_PRUNE_INTERVAL
-    feature_layer: int | None = None
 
     def __post_init__(self) -> None:
         check_keep(self.keep)
@@ -73,7 +70,6 @@ class FlowCutConfig:
         # Table 10: the current score gets 1 - history_weight
         check_ratio("history_weight", self.history_weight, 0.0, 1.0, low_open=False, high_open=True)
         check_int("prune_interval", self.prune_interval, 1)
-        check_feature_layer(self.feature_layer)
 
     @property
     def current_weight(self) -> float:
@@ -85,7 +81,7 @@ class FlowCutConfig:
 # --------------------------------------------------------------------------------------------------
 
 
-def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
     # Half-precision softmax/entropy are too coarse to rank 500+ tokens; float64 stays float64 so that
     # the reference comparison with the authors' release is bit-for-bit.
     return torch.promote_types(dtype, torch.float32)
@@ -168,7 +164,7 @@ def layer_scores(
     q, k, v: ``(B, H, T, d)`` -> ``(S, a)``, both ``(B, N)``: the combined score and the attention strength
     (the latter drives the entropy schedule).
     """
-    dtype = _score_dtype(q.dtype)
+    dtype = score_dtype(q.dtype)
     q, k, v = q.to(dtype), _flat_batch(k.to(dtype)), _flat_batch(v.to(dtype))
     q_g, v_g = global_query_value(q, v, has_cls)
     a = attention_strength(q_g, k, scale, has_cls)
@@ -316,7 +312,7 @@ def llm_stage_scores(
     ``"last_text"`` (the authors' LLaVA-NeXT / Qwen2-VL code): the last prompt token's query and value.
     Softmaxes run over the image's visual keys only. Returns ``(B, T)`` (meaningful at visual columns).
     """
-    dtype = _score_dtype(ctx.q.dtype)
+    dtype = score_dtype(ctx.q.dtype)
     b, h, t, d = ctx.q.shape
     group = h // ctx.k.shape[1]
     k = ctx.k.repeat_interleave(group, dim=1).to(dtype)  # (B, H, T, d)
@@ -372,3 +368,14 @@ class FlowCutLLMSelector:
         with torch.no_grad():
             scores = llm_stage_scores(ctx, self.query, self.semantic_scaling)
         return top_per_image(scores, ctx, self.keep)
+
+
+register_method(
+    MethodSpec(
+        "flowcut",
+        FlowCutConfig,
+        make_selector=lambda cfg, keep: FlowCutSelector(cfg, keep=keep),
+        make_second_stage=lambda cfg, keep: FlowCutLLMSelector(keep, semantic_scaling=cfg.semantic_scaling),
+        merge_units=True,
+    )
+)

@@ -1,66 +1,24 @@
-"""What a method sees when it prunes inside the language model, and the scores several methods share.
+"""Scores several language-model methods share (FastV, PDrop, FlowCut's second stage); what a method sees
+there is :class:`~vlmcut.methods.base.LLMContext`.
 
 Pure tensor code: no model plumbing (that is :mod:`vlmcut.models.llm`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
-
 import torch
 
+from .base import LLMContext, LLMSelection, LLMSelector
 
-@dataclass
-class LLMContext:
-    """What a selector sees at a prune layer (current, possibly already pruned, sequence of length T)."""
-
-    layer: int
-    q: torch.Tensor  # (B, H, T, d), RoPE applied
-    k: torch.Tensor  # (B, Hkv, T, d), RoPE applied
-    v: torch.Tensor  # (B, Hkv, T, d)
-    scale: float
-    visual: torch.Tensor  # (B, T) bool: visual tokens the selector may drop
-    valid: torch.Tensor  # (B, T) bool: real tokens (not padding / fillers)
-    query_index: torch.Tensor  # (B,) long: index (in this sequence) of the last prompt token
-    image_index: torch.Tensor  # (B, T) long: which image of its row a visual token belongs to, -1 elsewhere
-    hidden: torch.Tensor  # (B, T, D): the layer's output
-
-    def visual_counts(self) -> torch.Tensor:
-        """(B, I) visual tokens per image of each row (I = most images in a row)."""
-        n_img = int(self.image_index.max()) + 1 if self.visual.any() else 0
-        idx = self.image_index.clamp(min=0)
-        counts = torch.zeros(self.visual.shape[0], max(1, n_img), dtype=torch.long, device=idx.device)
-        return counts.scatter_add_(1, idx, self.visual.long())
-
-
-@dataclass
-class LLMSelection:
-    """A selector's answer that also rewrites hidden states (e.g. SparseVLM's recycled tokens).
-
-    ``keep``: (B, T) bool keep mask, as a plain mask answer. ``hidden``: (B, T, D) replacement for the
-    layer's output (``None``: unchanged); only visual columns may differ from ``ctx.hidden``. A kept column
-    keeps its original position whatever its new hidden state.
-    """
-
-    keep: torch.Tensor  # (B, T) bool
-    hidden: torch.Tensor | None = None  # (B, T, D)
-
-
-class LLMSelector(Protocol):
-    """What a method implements to prune inside the language model.
-
-    ``prune_layers(num_layers, num_visual)``: the decoder layers (0-based) at whose output it prunes, given
-    the most visual tokens any image of the batch has; asked at the start of every prefill.
-    ``select(ctx)``: at each of those layers, a (B, T) bool keep mask (visual columns only may be False),
-    an :class:`LLMSelection` (a mask plus new hidden states for visual columns), or ``None`` to keep
-    everything.
-    """
-
-    def prune_layers(self, num_layers: int, num_visual: int) -> Sequence[int]: ...
-
-    def select(self, ctx: LLMContext) -> torch.Tensor | LLMSelection | None: ...
+__all__ = [
+    "LLMContext",
+    "LLMSelection",
+    "LLMSelector",
+    "attention_row",
+    "causal_keys",
+    "last_token_attention",
+    "top_per_image",
+]
 
 
 def top_per_image(scores: torch.Tensor, ctx: LLMContext, keep: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import check_keep, check_layers, check_ratio
+from .base import MethodSpec, check_keep, check_layers, check_ratio, register_method
 from .llm_base import LLMContext, last_token_attention, top_per_image
 
 PAPER_LAYERS = (8, 16, 24)  # of 32 decoder layers (LLaVA-1.5-7B), Sec. 4 of the paper
@@ -120,3 +120,13 @@ class PDropSelector:
             return None
         with torch.no_grad():
             return top_per_image(last_token_attention(ctx), ctx, target)
+
+
+register_method(
+    MethodSpec(
+        "pdrop",
+        PDropConfig,
+        make_selector=None,
+        make_llm_selector=lambda cfg, keep: PDropSelector(cfg, keep),
+    )
+)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import check_feature_layer, check_int
+from .base import MethodSpec, check_int, register_method
 
 
 @dataclass(frozen=True)
@@ -23,17 +23,14 @@ class RandomConfig:
         keep: visual tokens per image for the consumer.
         seed: each image's draw is seeded by ``seed`` and a checksum of the image's pixels, so an image
             keeps the same patches alone, in any batch and in any call order (another seed, another draw).
-        feature_layer: for bare vision towers, the ``hidden_states`` index the caller reads (default -1).
     """
 
     keep: int
     seed: int = 0
-    feature_layer: int | None = None
 
     def __post_init__(self) -> None:
         check_int("keep", self.keep, 1)
         check_int("seed", self.seed, 0, 2**64 - 1)  # torch.Generator.manual_seed's range
-        check_feature_layer(self.feature_layer)
 
 
 @dataclass(frozen=True)
@@ -42,15 +39,12 @@ class GridConfig:
 
     Args:
         keep: visual tokens per image for the consumer.
-        feature_layer: for bare vision towers, the ``hidden_states`` index the caller reads (default -1).
     """
 
     keep: int
-    feature_layer: int | None = None
 
     def __post_init__(self) -> None:
         check_int("keep", self.keep, 1)
-        check_feature_layer(self.feature_layer)
 
 
 def grid_indices(num_patches: int, keep: int) -> torch.Tensor:
@@ -151,3 +145,7 @@ class GridSelector(_AttentionFreeSelector):
 
     def choose(self, batch: int, num_patches: int, device: torch.device) -> torch.Tensor:
         return grid_indices(num_patches, self.keep).to(device).expand(batch, -1)
+
+
+register_method(MethodSpec("random", RandomConfig, make_selector=lambda cfg, keep: RandomSelector(cfg, keep)))
+register_method(MethodSpec("grid", GridConfig, make_selector=lambda cfg, keep: GridSelector(cfg, keep)))

@@ -64,7 +64,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import check_bool, check_keep, check_layers, check_ratio
+from .base import MethodSpec, check_bool, check_keep, check_layers, check_ratio, register_method
 from .llm_base import LLMContext, LLMSelection
 from .pdrop import stage_counts
 
@@ -369,3 +369,13 @@ class SparseVLMSelector:
                     keep[b, cand[centers]] = True
                     hidden[b, cand[centers]] = merged.to(hidden.dtype)
         return keep if hidden is None else LLMSelection(keep, hidden)
+
+
+register_method(
+    MethodSpec(
+        "sparsevlm",
+        SparseVLMConfig,
+        make_selector=None,
+        make_llm_selector=lambda cfg, keep: SparseVLMSelector(cfg, keep),
+    )
+)

@@ -41,7 +41,7 @@ from typing import Literal
 
 import torch
 
-from .checks import check_feature_layer, check_int
+from .base import MethodSpec, check_int, register_method
 from .fastervlm import ConsumedLayerSelector, global_attention, top_patches
 
 MergeRule = Literal["mean", "release"]
@@ -67,14 +67,11 @@ class VisionZipConfig:
             ``0`` keeps dominant tokens only; ``contextual == keep`` merges only.
         merge: ``"release"`` (default, the authors' code): ``target + mean(other members)``;
             ``"mean"``: a contextual token is the plain average of its group, target included.
-        feature_layer: for bare vision towers only: the ``hidden_states`` index the caller will read
-            (default ``-1``: the last layer). LLaVA reads it from its config (``vision_feature_layer``).
     """
 
     keep: int
     contextual: int | None = None
     merge: MergeRule = "release"
-    feature_layer: int | None = None
 
     def __post_init__(self) -> None:
         check_int("keep", self.keep, 1)
@@ -90,12 +87,11 @@ class VisionZipConfig:
                 f"merge must be 'mean' (average of the group, target included) or 'release' (the authors' "
                 f"code: target + mean of the others), got {self.merge!r}"
             )
-        check_feature_layer(self.feature_layer)
 
 
 @dataclass(frozen=True)
 class ContextualMerge:
-    """Dominant patches kept as they are, then contextual tokens (satisfies ``models.vit.TokenMerge``)."""
+    """Dominant patches kept as they are, then contextual tokens (satisfies ``methods.base.TokenMerge``)."""
 
     kept: torch.Tensor  # (B, D) dominant patch indices, ascending
     weights: torch.Tensor  # (B, C, N) averaging weights of each contextual token over the N patches
@@ -190,3 +186,8 @@ class VisionZipSelector(ConsumedLayerSelector):
         return visionzip_plan(
             scores, key_metric(k, has_cls), self.dominant, self.contextual, self.config.merge
         )
+
+
+register_method(
+    MethodSpec("visionzip", VisionZipConfig, make_selector=lambda cfg, keep: VisionZipSelector(cfg, keep))
+)

@@ -48,18 +48,19 @@ Counting rules (``K`` = ``keep``; "content" = patch tokens, newlines excluded):
 from __future__ import annotations
 
 import dataclasses
-import inspect
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
-from .llava import call_inputs, check_feature_options, compact_prompt, unchanged_hint, wrap_generate
-from .vit import EncoderPassRecord, EncoderPruner, EncoderSelector, consumed_layer, tower_spec
+from ..methods.base import MethodSpec, VisionSelector
+from .base import VLMAttachment
+from .llm import DecoderPruner
+from .prompt import check_feature_options, compact_prompt, last_prompt_index, unchanged_hint
+from .registry import ModelAdapter, ModelParts, register_adapter, tower_parts
+from .vit import EncoderPassRecord, EncoderPruner, consumed_layer, tower_spec
 
 
 def llava_next_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
@@ -272,13 +273,10 @@ class VisualPositions:
         """Keyword arguments for ``DecoderPruner.begin``: ``visual`` = the *prunable* positions, ``valid``,
         ``query_index`` (the last prompt token of each row; ``prompt_len``: columns that belong to the
         prompt when generation without a cache re-feeds prompt + new tokens) and ``image_index`` (per row)."""
-        cols = torch.arange(self.valid.shape[1], device=self.valid.device).expand_as(self.valid)
-        in_prompt = self.valid if prompt_len is None else self.valid & (cols < prompt_len)
-        query_index = torch.where(in_prompt, cols, torch.full_like(cols, -1)).max(dim=1).values
         return {
             "visual": self.prunable,
             "valid": self.valid,
-            "query_index": query_index,
+            "query_index": last_prompt_index(self.valid, prompt_len),
             "image_index": self.row_image_index(),
         }
 
@@ -288,7 +286,7 @@ class VisualPositions:
 # ------------------------------------------------------------------------------------------------------
 
 
-class LlavaNextAttachment:
+class LlavaNextAttachment(VLMAttachment):
     """Vision-stage pruning and layout on a LLaVA-NeXT instance (see the module docstring).
 
     Args:
@@ -302,22 +300,20 @@ class LlavaNextAttachment:
             :meth:`VisualPositions.decoder_inputs` before every prefill that carries images.
     """
 
+    title = "LLaVA-NeXT"
+
     def __init__(
         self,
         model: nn.Module,
-        make_selector: Callable[[int], EncoderSelector | None],
+        make_selector: Callable[[int], VisionSelector | None],
         keep: int,
         *,
         two_stage: bool = False,
         keep_crop: int | None = None,
         make_llm_stage: Callable[[nn.Module], LLMStage | None] | None = None,
     ) -> None:
-        parts = llava_next_parts(model)
-        if parts is None:
-            raise TypeError(f"{type(model).__name__} is not a LLaVA-NeXT model")
-        self.outer, self.inner = parts
-        cfg = self.inner.config
-        self.config = cfg
+        super().__init__(model, llava_next_parts(model))
+        cfg = self.config
         spec = tower_spec(self.inner.vision_tower)
         strategy = cfg.vision_feature_select_strategy
         if (strategy == "default") != spec.has_cls:
@@ -346,32 +342,23 @@ class LlavaNextAttachment:
         self.strategy = strategy
         self.feature_layer = cfg.vision_feature_layer
         self.image_token_id = int(cfg.image_token_id)
-        pad = getattr(cfg, "pad_token_id", None)
-        pad = getattr(cfg.text_config, "pad_token_id", None) if pad is None else pad
-        self.pad_token_id = 0 if pad is None else int(pad)
-
-        self._make_selector = make_selector
-        self._selectors: dict[int, EncoderSelector] = {}
-        first = self._selector(min(keep_crop or keep, self.num_patches))
-        consume = consumed_layer(cfg.vision_feature_layer, spec.num_layers)
-        self.encoder = EncoderPruner(spec, first, consume) if first is not None else None
-        try:
-            self.llm_stage = make_llm_stage(self.inner.language_model) if make_llm_stage is not None else None
-        except BaseException:
-            if self.encoder is not None:
-                self.encoder.remove()
-            raise
-
         self.pass_record = NextPassRecord()
         self._kept_matrix: torch.Tensor | None = None
         self.visual_positions: VisualPositions | None = None
         self._issued: dict[int, ImageLayout] = {}  # id(features) -> layout, while generate runs
-        self._prompt_len: int | None = None
-        self._signature = inspect.signature(self.outer.forward)
-        self._handles: list[RemovableHandle] = [
-            self.outer.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
-        ]
-        self._restore_generate = wrap_generate(self.outer, self.compact_inputs, self._generate_session)
+
+        self._make_selector = make_selector
+        self._selectors: dict[int, VisionSelector] = {}
+        try:
+            first = self._selector(min(keep_crop or keep, self.num_patches))
+            consume = consumed_layer(cfg.vision_feature_layer, spec.num_layers)
+            self.encoder = self.own(EncoderPruner(spec, first, consume)) if first is not None else None
+            if make_llm_stage is not None:
+                self.decoder = self.own(make_llm_stage(self.inner.language_model))
+        except BaseException:
+            self.remove()
+            raise
+        self.install()
 
     # -- budgets ---------------------------------------------------------------------------------------
     @property
@@ -385,7 +372,7 @@ class LlavaNextAttachment:
             return [self.num_patches] * sum(crops_per_image)
         return crop_budgets(crops_per_image, self.keep, self.keep_crop, self.num_patches)
 
-    def _selector(self, budget: int) -> EncoderSelector | None:
+    def _selector(self, budget: int) -> VisionSelector | None:
         if budget not in self._selectors:
             selector = self._make_selector(budget)
             if selector is None:
@@ -498,12 +485,7 @@ class LlavaNextAttachment:
         pixel_values = inputs.get("pixel_values")
         if pixel_values is None or pixel_values.shape[0] == 0:
             return None
-        ids = inputs.get("input_ids")
-        if ids is None:
-            raise ValueError(
-                "pruned LLaVA-NeXT needs input_ids with the image placeholders (inputs_embeds with pixel_values "
-                "is not supported); pass the processor's output"
-            )
+        ids = self.prompt_ids(inputs)
         if inputs.get("mm_encoder_outputs"):
             raise ValueError("pass either pixel_values or mm_encoder_outputs, not both")
         check_feature_options(inputs, self.feature_layer, self.strategy)
@@ -561,8 +543,7 @@ class LlavaNextAttachment:
         return found
 
     # -- hooks ----------------------------------------------------------------------------------------
-    def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        inputs = call_inputs(self._signature, args, kwargs)
+    def forward_inputs(self, inputs: dict[str, Any]) -> dict[str, Any] | None:
         result = self.compact_inputs(inputs)
         if result is not None:
             final, _, layouts = result
@@ -573,25 +554,18 @@ class LlavaNextAttachment:
             self.visual_positions = None
             return None
         self.visual_positions = self._positions(final, layouts)
-        if self.llm_stage is not None:
-            self.llm_stage.begin(**self.visual_positions.decoder_inputs(self._prompt_len))
-        return ((), final) if result is not None else None
+        if self.decoder is not None:
+            self.decoder.begin(**self.visual_positions.decoder_inputs(self.prompt_len))
+        return final if result is not None else None
 
-    @contextmanager
-    def _generate_session(self, kwargs: dict[str, Any], result: tuple | None) -> Iterator[None]:
+    def begin_session(self, kwargs: dict[str, Any], result: tuple | None) -> None:
         """generate hands the packed features to every forward it makes through mm_encoder_outputs; the
         pre-hook recognises them (by identity) to announce the visual positions of the prefill."""
-        if result is None:
-            yield
-            return
-        _, new_len, layouts = result
-        self._prompt_len = new_len
-        self._issued = {id(im.features): im for im in layouts}
-        try:
-            yield
-        finally:
-            self._prompt_len = None
-            self._issued = {}
+        if result is not None:
+            self._issued = {id(im.features): im for im in result[2]}
+
+    def end_session(self) -> None:
+        self._issued = {}
 
     # -- handle interface -------------------------------------------------------------------------------
     @property
@@ -607,19 +581,38 @@ class LlavaNextAttachment:
             num_patches=self.num_patches,
         )
 
-    @property
-    def llm_record(self):  # noqa: ANN201 - LLMPassRecord | None
-        """The language-model stage's record of the last prefill (``None`` without one)."""
-        return getattr(self.llm_stage, "record", None) if self.llm_stage is not None else None
 
-    def remove(self) -> None:
-        if self.encoder is not None:
-            self.encoder.remove()
-        if self.llm_stage is not None:
-            self.llm_stage.remove()
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._issued = {}
-        self._restore_generate()
-        self._restore_generate = lambda: None
+class LlavaNextAdapter(ModelAdapter):
+    """LLaVA-NeXT ("anyres" crops): every method. Two-stage methods (FlowCut) keep ``K // 2`` per crop in the
+    tower and ``K`` per image in the language model (SPEC "Two-stage"); LLM-only methods keep every crop whole."""
+
+    name = "llava_next"
+    title = "LLaVA-NeXT"
+    classes = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
+
+    def attach(
+        self, model: nn.Module, spec: MethodSpec, config: Any, options: dict[str, Any]
+    ) -> LlavaNextAttachment:
+        if spec.make_selector is None:  # LLM-only methods: every crop whole, the decoder prunes to K
+            make_encoder: Callable[[int], VisionSelector | None] = lambda k: None  # noqa: E731
+            second = spec.make_llm_selector
+        else:
+            make_encoder = lambda k: spec.make_selector(config, k)  # noqa: E731
+            second = spec.make_second_stage  # FlowCut: K/2 per crop, then K in the LLM (SPEC)
+        return LlavaNextAttachment(
+            model,
+            make_encoder,
+            config.keep,
+            two_stage=spec.make_selector is not None and second is not None,
+            make_llm_stage=(lambda lm: DecoderPruner(lm, second(config, config.keep))) if second else None,
+        )
+
+    def parts(self, model: nn.Module) -> ModelParts | None:
+        from transformers import LlavaNextForConditionalGeneration
+
+        if not isinstance(model, LlavaNextForConditionalGeneration):
+            return None
+        return tower_parts(model.model, model.model.vision_tower)
+
+
+register_adapter(LlavaNextAdapter())

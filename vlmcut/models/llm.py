@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..compat import cache_from_kwargs, cache_from_output
-from ..methods.llm_base import LLMContext, LLMSelection, LLMSelector
+from ..methods.base import LLMContext, LLMSelection, LLMSelector
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 

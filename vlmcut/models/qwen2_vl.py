@@ -53,8 +53,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,13 +62,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ..methods.llm_base import LLMContext, LLMSelection, LLMSelector
-from .llava import IGNORE_INDEX, call_inputs, compact, padding_side, wrap_generate
-from .llm import DecoderPruner
-from .vit import EncoderPassRecord, EncoderSelector
+from ..methods.base import LLMContext, LLMSelection, LLMSelector, MethodSpec, VisionSelector
+from .base import VLMAttachment
+from .prompt import IGNORE_INDEX, compact, last_prompt_index, padding_side
+from .registry import VIDEO_BUDGET, VIDEO_BUDGETS, ModelAdapter, ModelParts, image_token_id, register_adapter
+from .vit import EncoderPassRecord
 
-VIDEO_BUDGETS = ("per_frame", "shared")
-QWEN_METHODS = ("flowcut", "fastv", "pdrop", "sparsevlm")
 SUPPORTED_QWEN = (
     "Qwen2VLForConditionalGeneration",
     "Qwen2VLModel",
@@ -153,7 +151,7 @@ class _TowerPass:
     """State of one armed tower forward. Units are in the tower's order (Qwen2.5-VL: window order)."""
 
     groups: list[Group]
-    selectors: list[EncoderSelector | None]
+    selectors: list[VisionSelector | None]
     raster: torch.Tensor  # (U,) raster unit of each tower unit
     alive: torch.Tensor  # (U',) tower units still alive, ascending
     group_of: torch.Tensor  # (U',) group of each alive unit
@@ -208,7 +206,7 @@ class QwenVisionPruner:
         # it, so the last block already runs on the kept tokens (SPEC "Schedule", F = depth - 1).
         self.consume_layer = len(self.blocks) - 1
         self._pass: _TowerPass | None = None
-        self._plan: tuple[list[Group], list[EncoderSelector | None]] | None = None
+        self._plan: tuple[list[Group], list[VisionSelector | None]] | None = None
         self.result: tuple[list[torch.Tensor], list[int]] | None = None
         self._handles: list[RemovableHandle] = []
         self._install()
@@ -229,7 +227,7 @@ class QwenVisionPruner:
         pixel_values: torch.Tensor,
         grid_thw: torch.Tensor,
         groups: list[Group],
-        selectors: list[EncoderSelector | None],
+        selectors: list[VisionSelector | None],
     ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """One tower forward with every group pruned by its selector (``None``: kept whole).
 
@@ -522,7 +520,7 @@ class _Layout:
 # ------------------------------------------------------------------------------------------------------
 
 
-class QwenAttachment:
+class QwenAttachment(VLMAttachment):
     """Both stages and the prompt surgery on a Qwen2-VL / Qwen2.5-VL instance (see the module docstring).
 
     Args:
@@ -530,66 +528,47 @@ class QwenAttachment:
             ``...Model``.
         keep: ``K`` per image (int count of merged tokens, or a float ratio in (0, 1]).
         make_encoder: vision selector for a budget of merge units (``None``: the tower keeps everything).
-            The selector's ``step`` must accept ``group=`` (whole merge units).
+            The selector's ``step`` must accept ``group=`` (whole merge units: ``MethodSpec.merge_units``).
         make_llm: language-model selector for a target (``None``: no language-model stage).
         video_budget: ``"per_frame"`` or ``"shared"`` (module docstring).
         vision_factor: tower budget = ``vision_factor * K_g`` merge units (2: SPEC "Two-stage").
     """
 
+    title = "Qwen2-VL"
+
     def __init__(
         self,
         model: nn.Module,
         keep: int | float,
-        make_encoder: Callable[[int], EncoderSelector] | None,
+        make_encoder: Callable[[int], VisionSelector] | None,
         make_llm: Callable[[int], LLMSelector] | None,
         video_budget: str = "per_frame",
         vision_factor: int = 2,
     ) -> None:
-        parts = qwen_parts(model)
-        if parts is None:
-            raise TypeError(f"{type(model).__name__} is not a Qwen2-VL / Qwen2.5-VL model")
         if video_budget not in VIDEO_BUDGETS:
             raise ValueError(f"video_budget must be one of {VIDEO_BUDGETS}, got {video_budget!r}")
-        self.outer, self.inner = parts
+        super().__init__(model, qwen_parts(model))
         self.keep = keep
         self.video_budget = video_budget
         self.vision_factor = vision_factor
-        cfg = self.inner.config
+        cfg = self.config
         self.image_token_id = int(cfg.image_token_id)
         self.video_token_id = int(cfg.video_token_id)
         self.merge = int(cfg.vision_config.spatial_merge_size)
-        pad = getattr(cfg.text_config, "pad_token_id", None)
-        pad = getattr(cfg, "pad_token_id", None) if pad is None else pad
-        self.pad_token_id = 0 if pad is None else int(pad)
         self._make_encoder = make_encoder
-        if make_encoder is not None:
-            probe = make_encoder(1)
-            if "group" not in inspect.signature(probe.step).parameters:
-                raise ValueError(
-                    f"{type(probe).__name__} selects single vision tokens; on Qwen2-VL / Qwen2.5-VL the patch "
-                    f"merger needs whole 2x2 merge units. Supported methods here: {', '.join(QWEN_METHODS)}"
-                )
-        self.vision = QwenVisionPruner(self.inner.visual) if make_encoder is not None else None
-        try:
-            self.llm_selector = PerTargetSelector(make_llm) if make_llm is not None else None
-            self.llm_stage = (
-                DecoderPruner(self.inner.language_model, self.llm_selector) if make_llm is not None else None
-            )
-        except BaseException:
-            if self.vision is not None:
-                self.vision.remove()
-            raise
         self.pass_record = QwenPassRecord()
         self._issued: dict[int, _Layout] = {}
-        self._prompt_len: int | None = None
         self._rope_params = set(inspect.signature(self.inner.get_rope_index).parameters)
-        self._signature = inspect.signature(self.outer.forward)
-        self._handles: list[RemovableHandle] = [
-            self.outer.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
-        ]
-        self._restore_generate = wrap_generate(
-            self.outer, lambda kw: self.compact_inputs(kw, for_generate=True), self._generate_session
-        )
+        self.llm_selector: PerTargetSelector | None = None
+        try:
+            self.vision = self.own(QwenVisionPruner(self.inner.visual)) if make_encoder is not None else None
+            if make_llm is not None:
+                self.llm_selector = PerTargetSelector(make_llm)
+                self.own_decoder(self.llm_selector)
+        except BaseException:
+            self.remove()
+            raise
+        self.install()
 
     # -- vision stage ------------------------------------------------------------------------------------
     def _encode_stream(
@@ -633,12 +612,7 @@ class QwenAttachment:
         has_vid = pvv is not None and pvv.shape[0] > 0
         if not (has_img or has_vid):
             return None
-        ids = inputs.get("input_ids")
-        if ids is None:
-            raise ValueError(
-                "pruned Qwen2-VL needs input_ids with the image / video placeholders (inputs_embeds with "
-                "pixel_values is not supported); pass the processor's output"
-            )
+        ids = self.prompt_ids(inputs, "image / video")
         if inputs.get("mm_encoder_outputs"):
             raise ValueError("pass either pixel_values / pixel_values_videos or mm_encoder_outputs, not both")
         if inputs.get("position_ids") is not None:
@@ -787,11 +761,9 @@ class QwenAttachment:
             image_index[r] = torch.where(visual[r], ordinal, -1)
             targets[r, : present.numel()] = layout.targets.to(ids.device)[present]
             counts[r, : present.numel()] = torch.bincount(ordinal[visual[r]], minlength=present.numel())
-        cols = torch.arange(ids.shape[1], device=ids.device).expand_as(valid)
-        in_prompt = valid if self._prompt_len is None else valid & (cols < self._prompt_len)
-        query_index = torch.where(in_prompt, cols, torch.full_like(cols, -1)).max(dim=1).values
+        query_index = last_prompt_index(valid, self.prompt_len)
         self.llm_selector.set_targets(targets, counts)
-        self.llm_stage.begin(visual=visual, valid=valid, query_index=query_index, image_index=image_index)
+        self.decoder.begin(visual=visual, valid=valid, query_index=query_index, image_index=image_index)
 
     def _issued_layout(self, inputs: dict[str, Any]) -> _Layout | None:
         mm = inputs.get("mm_encoder_outputs")
@@ -806,32 +778,23 @@ class QwenAttachment:
         return None
 
     # -- hooks ----------------------------------------------------------------------------------------
-    def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        inputs = call_inputs(self._signature, args, kwargs)
-        result = self.compact_inputs(inputs)
-        if result is not None:
-            final, _, layout = result
-        else:
-            final, layout = inputs, self._issued_layout(inputs)
-        if layout is not None and self.llm_stage is not None and final.get("input_ids") is not None:
-            self._announce(final, layout)
-        return ((), final) if result is not None else None
+    def compact_for_generate(self, kwargs: dict[str, Any]) -> tuple | None:
+        return self.compact_inputs(kwargs, for_generate=True)
 
-    @contextmanager
-    def _generate_session(self, kwargs: dict[str, Any], result: tuple | None) -> Iterator[None]:
+    def announce(self, final: dict[str, Any], result: tuple | None, inputs: dict[str, Any]) -> None:
+        layout = result[2] if result is not None else self._issued_layout(inputs)
+        if layout is not None and self.decoder is not None and final.get("input_ids") is not None:
+            self._announce(final, layout)
+
+    def begin_session(self, kwargs: dict[str, Any], result: tuple | None) -> None:
         """generate hands the kept features to every forward it makes through mm_encoder_outputs; the
         pre-hook recognises them (by identity) to announce the visual groups of the prefill."""
-        if result is None:
-            yield
-            return
-        _, new_len, layout = result
-        self._prompt_len = new_len
-        self._issued = {id(feats[0]): layout for feats in layout.features.values() if feats}
-        try:
-            yield
-        finally:
-            self._prompt_len = None
-            self._issued = {}
+        if result is not None:
+            layout = result[2]
+            self._issued = {id(feats[0]): layout for feats in layout.features.values() if feats}
+
+    def end_session(self) -> None:
+        self._issued = {}
 
     # -- handle interface -------------------------------------------------------------------------------
     @property
@@ -852,42 +815,61 @@ class QwenAttachment:
             num_patches=max(it.num_units for it in items),
         )
 
-    @property
-    def llm_record(self):  # noqa: ANN201 - LLMPassRecord | None
-        return self.llm_stage.record if self.llm_stage is not None else None
 
-    def remove(self) -> None:
-        if self.vision is not None:
-            self.vision.remove()
-        if self.llm_stage is not None:
-            self.llm_stage.remove()
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._issued = {}
-        self._restore_generate()
-        self._restore_generate = lambda: None
+class QwenAdapter(ModelAdapter):
+    """Qwen2-VL and Qwen2.5-VL, images and videos. Methods whose vision selector keeps whole 2x2 merge units
+    and that have a language-model stage after it (FlowCut), and the language-model-only methods."""
 
+    name = "qwen2_vl"
+    title = "Qwen2-VL / Qwen2.5-VL"
+    classes = SUPPORTED_QWEN
+    options = (VIDEO_BUDGET,)
+    refuses = {
+        "feature_layer": "feeds its merger from the last block (no feature layer to choose); do not pass it"
+    }
+    ratio_keep = True
 
-def attach_qwen(model: nn.Module, spec: Any, config: Any, video_budget: str | None) -> QwenAttachment | None:
-    """The attachment for ``spec`` on a Qwen2-VL / Qwen2.5-VL ``model``; ``None`` for other models."""
-    if qwen_parts(model) is None:
-        return None
-    if getattr(config, "feature_layer", None) is not None:
-        raise ValueError(
-            "feature_layer is fixed on Qwen2-VL (the merger reads the last block); do not pass it"
+    def why_not(self, spec: MethodSpec) -> tuple[type[Exception], str] | None:
+        if spec.make_selector is None or (spec.merge_units and spec.make_second_stage is not None):
+            return None
+        return ValueError, (
+            "prunes single vision tokens and is not supported on Qwen2-VL / Qwen2.5-VL (the patch merger needs "
+            "whole 2x2 merge units, and a language-model stage must bring each group to K)"
         )
-    if spec.make_selector is None:  # language-model only: the tower keeps everything
-        make_encoder = None
-        make_llm = (lambda k: spec.make_llm_selector(config, k)) if spec.make_llm_selector else None
-    elif spec.make_second_stage is not None:  # FlowCut: 2K per group in the tower, K in the decoder
-        make_encoder = lambda k: spec.make_selector(config, k)  # noqa: E731
-        make_llm = lambda k: spec.make_second_stage(config, k)  # noqa: E731
-    else:
-        raise ValueError(
-            f"{spec.name!r} prunes single vision tokens and is not supported on Qwen2-VL / Qwen2.5-VL (the "
-            f"patch merger needs whole 2x2 merge units); supported methods: {', '.join(QWEN_METHODS)}"
+
+    def check_options(self, spec: MethodSpec, options: dict[str, Any]) -> None:
+        budget = options.get("video_budget")
+        if budget is not None and budget not in VIDEO_BUDGETS:
+            raise ValueError(f"video_budget must be one of {VIDEO_BUDGETS}, got {budget!r}")
+
+    def attach(
+        self, model: nn.Module, spec: MethodSpec, config: Any, options: dict[str, Any]
+    ) -> QwenAttachment:
+        if spec.make_selector is None:  # language-model only: the tower keeps everything
+            make_encoder = None
+            make_llm = lambda k: spec.make_llm_selector(config, k)  # noqa: E731
+        else:  # FlowCut: 2K per group in the tower, K in the decoder
+            make_encoder = lambda k: spec.make_selector(config, k)  # noqa: E731
+            make_llm = lambda k: spec.make_second_stage(config, k)  # noqa: E731
+        budget = options.get("video_budget") or "per_frame"
+        return QwenAttachment(model, config.keep, make_encoder, make_llm, video_budget=budget)
+
+    def parts(self, model: nn.Module) -> ModelParts | None:
+        from transformers import Qwen2VLForConditionalGeneration
+
+        if not isinstance(model, Qwen2VLForConditionalGeneration):
+            return None
+        inner = model.model
+        llm = inner.language_model
+        visual = inner.visual
+        return ModelParts(
+            visual,
+            list(visual.blocks),
+            llm,
+            list(llm.layers),
+            image_token_id(model.config),
+            packed_vision=True,
         )
-    return QwenAttachment(
-        model, config.keep, make_encoder, make_llm, video_budget=video_budget or "per_frame"
-    )
+
+
+register_adapter(QwenAdapter())

@@ -48,31 +48,27 @@ padded with ``-1`` to the widest row.
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from ..compat import VIDEO_LLAVA_IMAGES_KWARG
-from ..methods.llm_base import LLMSelector
-from .llava import (
-    call_inputs,
+from ..methods.base import LLMSelector, MethodSpec, VisionSelector
+from .base import VLMAttachment
+from .prompt import (
     check_feature_options,
     compact_prompt,
+    last_prompt_index,
     placeholder_drop_mask,
     unchanged_hint,
-    wrap_generate,
 )
-from .llm import DecoderPruner
-from .vit import EncoderPassRecord, EncoderPruner, EncoderSelector, consumed_layer, tower_spec
+from .registry import VIDEO_BUDGET, VIDEO_BUDGETS, ModelAdapter, register_adapter
+from .vit import EncoderPassRecord, EncoderPruner, consumed_layer, tower_spec
 
 VideoBudget = Literal["per_frame", "shared"]
-VIDEO_BUDGETS = ("per_frame", "shared")
 DEFAULT_FRAMES = 8  # Video-LLaVA samples 8 frames per video (paper Sec. 4, Table 4)
 
 
@@ -163,13 +159,11 @@ def av_layout(
     starts = (is_vid & (in_video == 0)) | (image_visual & (image_slot == 0))
     group = starts.long().cumsum(dim=1) - 1
     valid = torch.ones_like(visual) if attention_mask is None else attention_mask.bool()
-    cols = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(visual)
-    in_prompt = valid & (cols < prompt_len)
     return {
         "visual": visual,
         "valid": valid,
         "image_index": torch.where(visual, group, minus),
-        "query_index": torch.where(in_prompt, cols, minus).max(dim=1).values,
+        "query_index": last_prompt_index(valid, prompt_len),
         "image_id": torch.where(is_img, img_ord // ib, minus),
         "image_slot": image_slot,
         "video_id": torch.where(is_vid, vid_ord // vb, minus),
@@ -218,18 +212,12 @@ class VideoLlavaPassRecord:
     num_patches: int = 0
 
 
-@dataclass
-class _GenState:
-    plan: _Plan
-    prompt_len: int
-
-
 # ------------------------------------------------------------------------------------------------------
 # Attachment
 # ------------------------------------------------------------------------------------------------------
 
 
-class VideoLlavaAttachment:
+class VideoLlavaAttachment(VLMAttachment):
     """Pruning on a Video-LLaVA instance (see the module docstring).
 
     Args:
@@ -242,25 +230,23 @@ class VideoLlavaAttachment:
             images and videos (LLM-only methods).
     """
 
+    title = "Video-LLaVA"
+
     def __init__(
         self,
         model: nn.Module,
-        make_selector: Callable[[int], EncoderSelector | None],
+        make_selector: Callable[[int], VisionSelector | None],
         keep: int,
         *,
         video_budget: VideoBudget = "per_frame",
         make_llm_selector: Callable[[int], LLMSelector | None] | None = None,
     ) -> None:
-        parts = video_llava_parts(model)
-        if parts is None:
-            raise TypeError(f"{type(model).__name__} is not a Video-LLaVA model")
         if video_budget not in VIDEO_BUDGETS:
             raise ValueError(f"video_budget must be one of {VIDEO_BUDGETS}, got {video_budget!r}")
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep must be an int >= 1, got {keep!r}")
-        self.outer, self.inner = parts
-        cfg = self.inner.config
-        self.config = cfg
+        super().__init__(model, video_llava_parts(model))
+        cfg = self.config
         image_spec = tower_spec(self.inner.image_tower)
         video_spec = tower_spec(self.inner.video_tower)
         strategy = cfg.vision_feature_select_strategy
@@ -278,9 +264,6 @@ class VideoLlavaAttachment:
         self.video_budget = video_budget
         self.image_token_id = int(cfg.image_token_id)
         self.video_token_id = int(cfg.video_token_id)
-        pad = getattr(cfg, "pad_token_id", None)
-        pad = getattr(cfg.text_config, "pad_token_id", None) if pad is None else pad
-        self.pad_token_id = 0 if pad is None else int(pad)
 
         # Images: patches to keep so that the language model receives exactly `keep` features per image.
         keep_patches = keep - self.has_cls + self.drop_cls
@@ -290,40 +273,33 @@ class VideoLlavaAttachment:
                 f"the features is the CLS token, so keep must be >= 2"
             )
         self._make_selector = make_selector
-        self._video_selectors: dict[int, EncoderSelector] = {}
+        self._video_selectors: dict[int, VisionSelector] = {}
         image_selector = make_selector(keep_patches)
         self.keep_patches: int | None = keep_patches if image_selector is not None else None
         self.image_encoder: EncoderPruner | None = None
         self.video_encoder: EncoderPruner | None = None
-        self.decoder: DecoderPruner | None = None
+        self._last: _Plan | None = None  # counts of the last call that carried images / videos
+        self._last_layout: dict[str, torch.Tensor] | None = None  # positions of the last LLM-stage prefill
+        self._gen_plan: _Plan | None = None  # while generate runs: the counts its prefill needs
         try:
             if image_selector is not None:
                 consume = consumed_layer(cfg.vision_feature_layer, image_spec.num_layers)
-                self.image_encoder = EncoderPruner(image_spec, image_selector, consume)
+                self.image_encoder = self.own(EncoderPruner(image_spec, image_selector, consume))
                 side = int(cfg.vision_config.image_size) // self.patch_size
                 first = self._video_selector(self._frame_budget(DEFAULT_FRAMES, side * side, check=False))
                 consume = consumed_layer(cfg.vision_feature_layer, video_spec.num_layers)
-                self.video_encoder = EncoderPruner(video_spec, first, consume)
-            llm_selector = make_llm_selector(keep) if make_llm_selector is not None else None
-            if llm_selector is not None:
-                self.decoder = DecoderPruner(self.inner.language_model, llm_selector)
+                self.video_encoder = self.own(EncoderPruner(video_spec, first, consume))
+            self.own_decoder(make_llm_selector(keep) if make_llm_selector is not None else None)
         except BaseException:
-            self._remove_pruners()
+            self.remove()
             raise
         if video_budget == "shared" and self.decoder is None:
-            self._remove_pruners()
+            self.remove()
             raise ValueError(
                 "video_budget='shared' needs a language-model stage to bring each video to keep tokens; "
                 "pass make_llm_selector or use video_budget='per_frame'"
             )
-        self._last: _Plan | None = None  # counts of the last call that carried images / videos
-        self._last_layout: dict[str, torch.Tensor] | None = None  # positions of the last LLM-stage prefill
-        self._gen: _GenState | None = None
-        self._signature = inspect.signature(self.outer.forward)
-        self._handles: list[RemovableHandle] = [
-            self.outer.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
-        ]
-        self._restore_generate = wrap_generate(self.outer, self._compact_for_generate, self._generate_session)
+        self.install()
 
     # -- budgets ---------------------------------------------------------------------------------------
     @property
@@ -341,7 +317,7 @@ class VideoLlavaAttachment:
                 raise
             return max(1, min(num_patches, self.keep // frames))
 
-    def _video_selector(self, budget: int) -> EncoderSelector:
+    def _video_selector(self, budget: int) -> VisionSelector:
         if budget not in self._video_selectors:
             selector = self._make_selector(budget)
             assert selector is not None
@@ -397,12 +373,7 @@ class VideoLlavaAttachment:
     # -- prompt ----------------------------------------------------------------------------------------
     def compact_inputs(self, inputs: dict[str, Any], plan: _Plan) -> tuple[dict[str, Any], int] | None:
         """The prompt with every image / video block cut to its kept placeholders; ``None`` if unchanged."""
-        ids = inputs.get("input_ids")
-        if ids is None:
-            raise ValueError(
-                "pruned Video-LLaVA needs input_ids with the image / video placeholders (inputs_embeds with "
-                "pixel values is not supported); pass the processor's output"
-            )
+        ids = self.prompt_ids(inputs, "image / video")
         check_feature_options(inputs, self.feature_layer, self.strategy)
         drop = torch.zeros_like(ids, dtype=torch.bool)
         for kind, token, count, block, kept in (
@@ -413,7 +384,7 @@ class VideoLlavaAttachment:
             if count == 0 or kept >= block:
                 continue
             total = int((ids == token).sum())
-            if total == count * kept and self._gen is not None:
+            if total == count * kept and self.generating:
                 continue  # already compact: a forward of our own generate (its prompt was cut once)
             if total != count * block:
                 raise ValueError(
@@ -425,7 +396,7 @@ class VideoLlavaAttachment:
             return None
         return compact_prompt(inputs, drop, self.pad_token_id)
 
-    def _compact_for_generate(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], int, _Plan] | None:
+    def compact_for_generate(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], int, _Plan] | None:
         plan = self.plan(kwargs)
         if plan is None:
             return None
@@ -434,8 +405,7 @@ class VideoLlavaAttachment:
         return None if result is None else (*result, plan)
 
     # -- hooks ----------------------------------------------------------------------------------------
-    def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        inputs = call_inputs(self._signature, args, kwargs)
+    def forward_inputs(self, inputs: dict[str, Any]) -> dict[str, Any] | None:
         renamed = inputs.get("pixel_values_images") is not None and inputs.get("pixel_values") is None
         if renamed:  # one name inside this hook; the release's own name goes back out (below)
             inputs["pixel_values"] = inputs.pop("pixel_values_images")
@@ -446,12 +416,12 @@ class VideoLlavaAttachment:
             result = self.compact_inputs(inputs, plan)
             if result is not None:
                 final, changed = result[0], True
-        elif self._gen is not None and inputs.get("mm_encoder_outputs"):
-            plan = self._gen.plan  # generate's prefill: the images / videos were encoded beforehand
+        elif self._gen_plan is not None and inputs.get("mm_encoder_outputs"):
+            plan = self._gen_plan  # generate's prefill: the images / videos were encoded beforehand
         # Decode steps carry neither pixels nor encoded features: nothing to announce.
         if self.decoder is not None and plan is not None:
             ids = final["input_ids"]
-            prompt_len = ids.shape[1] if self._gen is None else self._gen.prompt_len
+            prompt_len = ids.shape[1] if self.prompt_len is None else self.prompt_len
             layout = av_layout(
                 ids,
                 image_token_id=self.image_token_id,
@@ -476,22 +446,14 @@ class VideoLlavaAttachment:
         if VIDEO_LLAVA_IMAGES_KWARG != "pixel_values" and final.get("pixel_values") is not None:
             final = dict(final)
             final[VIDEO_LLAVA_IMAGES_KWARG] = final.pop("pixel_values")
-        return (), final
+        return final
 
-    @contextmanager
-    def _generate_session(self, kwargs: dict[str, Any], result: tuple | None) -> Iterator[None]:
-        """While generate runs: the counts and prompt length its prefill (with pre-encoded features) needs."""
-        plan = result[2] if result is not None else self.plan(kwargs)
-        if plan is None:
-            yield
-            return
-        ids = kwargs.get("input_ids")
-        prompt_len = result[1] if result is not None else (ids.shape[1] if ids is not None else 0)
-        self._gen = _GenState(plan, prompt_len)
-        try:
-            yield
-        finally:
-            self._gen = None
+    def begin_session(self, kwargs: dict[str, Any], result: tuple | None) -> None:
+        """While generate runs: the counts its prefill (with pre-encoded features) needs."""
+        self._gen_plan = result[2] if result is not None else self.plan(kwargs)
+
+    def end_session(self) -> None:
+        self._gen_plan = None
 
     # -- records ----------------------------------------------------------------------------------------
     def _alive(self) -> torch.Tensor | None:
@@ -585,81 +547,58 @@ class VideoLlavaAttachment:
             num_patches=rec.num_patches,
         )
 
-    @property
-    def llm_record(self):  # noqa: ANN201 - LLMPassRecord | None
-        return self.decoder.record if self.decoder is not None else None
 
-    # -- removal ----------------------------------------------------------------------------------------
-    def _remove_pruners(self) -> None:
-        for pruner in (self.image_encoder, self.video_encoder, self.decoder):
-            if pruner is not None:
-                pruner.remove()
+class VideoLlavaAdapter(ModelAdapter):
+    """Video-LLaVA: images and videos (module docstring, "Video budgets")."""
 
-    def remove(self) -> None:
-        self._remove_pruners()
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._gen = None
-        self._restore_generate()
-        self._restore_generate = lambda: None
+    name = "video_llava"
+    title = "Video-LLaVA"
+    classes = ("VideoLlavaForConditionalGeneration", "VideoLlavaModel")
+    options = (VIDEO_BUDGET,)
 
-
-# ------------------------------------------------------------------------------------------------------
-# Entry points
-# ------------------------------------------------------------------------------------------------------
-
-
-def attach_video_llava(
-    model: Any, spec: Any, config: Any, *, video_budget: str | None = None
-) -> VideoLlavaAttachment | None:
-    """The attachment for a Video-LLaVA model, or ``None`` when ``model`` is not one.
-
-    ``spec``: the method's ``MethodSpec``; ``config``: its config; ``video_budget``: ``"per_frame"``,
-    ``"shared"`` or ``None`` (``"per_frame"`` for vision-stage methods, ``"shared"`` for LLM-only ones).
-    """
-    if video_llava_parts(model) is None:
-        if video_budget is not None:
-            raise TypeError(
-                f"video_budget is an option for video models (Video-LLaVA, Qwen2-VL); "
-                f"{type(model).__name__} takes no videos"
+    def why_not(self, spec: MethodSpec) -> tuple[type[Exception], str] | None:
+        if spec.make_selector is not None and spec.make_llm_selector is not None:
+            return (
+                NotImplementedError,
+                "prunes both in the vision tower and in the language model (not yet here)",
             )
         return None
-    if getattr(config, "feature_layer", None) is not None:
-        raise ValueError(
-            "feature_layer is read from the Video-LLaVA config (vision_feature_layer); do not pass it"
-        )
-    if video_budget is not None and video_budget not in VIDEO_BUDGETS:
-        raise ValueError(f"video_budget must be one of {VIDEO_BUDGETS}, got {video_budget!r}")
-    keep = config.keep
-    if spec.make_selector is None:  # LLM-only: each image and each video is one block of `keep`
-        if video_budget == "per_frame":
+
+    def check_options(self, spec: MethodSpec, options: dict[str, Any]) -> None:
+        video_budget = options.get("video_budget")
+        if video_budget is not None and video_budget not in VIDEO_BUDGETS:
+            raise ValueError(f"video_budget must be one of {VIDEO_BUDGETS}, got {video_budget!r}")
+        if spec.make_selector is None and video_budget == "per_frame":  # LLM-only: one block per video
             raise ValueError(
-                f"{spec.name!r} prunes inside the language model, where each video is one block of keep={keep} "
-                f"patch tokens; pass video_budget='shared' (or leave it out)"
+                f"{spec.name!r} prunes inside the language model, where each video is one block of keep patch "
+                f"tokens; pass video_budget='shared' (or leave it out)"
             )
+        if spec.make_selector is not None and video_budget == "shared" and spec.make_second_stage is None:
+            raise ValueError(
+                f"video_budget='shared' needs a language-model stage after the vision stage, which {spec.name!r} "
+                f"does not have; use video_budget='per_frame' (or the 'flowcut' method)"
+            )
+
+    def attach(
+        self, model: nn.Module, spec: MethodSpec, config: Any, options: dict[str, Any]
+    ) -> VideoLlavaAttachment:
+        keep = config.keep
+        if spec.make_selector is None:
+            return VideoLlavaAttachment(
+                model,
+                lambda k: None,
+                keep,
+                video_budget="shared",
+                make_llm_selector=lambda k: spec.make_llm_selector(config, k),
+            )
+        budget = options.get("video_budget") or "per_frame"
         return VideoLlavaAttachment(
             model,
-            lambda k: None,
+            lambda k: spec.make_selector(config, k),
             keep,
-            video_budget="shared",
-            make_llm_selector=lambda k: spec.make_llm_selector(config, k),
+            video_budget=budget,
+            make_llm_selector=(lambda k: spec.make_second_stage(config, k)) if budget == "shared" else None,
         )
-    if spec.make_llm_selector is not None:
-        raise NotImplementedError(
-            f"{spec.name!r} prunes both in the vision tower and in the language model; not supported on "
-            f"Video-LLaVA yet"
-        )
-    budget = video_budget or "per_frame"
-    if budget == "shared" and spec.make_second_stage is None:
-        raise ValueError(
-            f"video_budget='shared' needs a language-model stage after the vision stage, which {spec.name!r} "
-            f"does not have; use video_budget='per_frame' (or the 'flowcut' method)"
-        )
-    return VideoLlavaAttachment(
-        model,
-        lambda k: spec.make_selector(config, k),
-        keep,
-        video_budget=budget,
-        make_llm_selector=(lambda k: spec.make_second_stage(config, k)) if budget == "shared" else None,
-    )
+
+
+register_adapter(VideoLlavaAdapter())

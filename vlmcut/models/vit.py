@@ -23,45 +23,14 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..methods.base import TokenMerge, VisionSelector
 from .instance import replace_method
-
-
-class TokenMerge(Protocol):
-    """A selector's result that merges tokens instead of only keeping them.
-
-    The layer's patch tokens become ``[kept..., merged...]``: first ``kept`` (B, n), indices into the
-    current patch tokens taken as they are, in the given order; then ``C`` new tokens ``weights @ patches``
-    with ``weights`` (B, C, N) over the current ``N`` patch tokens (each row: averaging weights of one
-    group). ``sources`` (B, C) is the current patch index each merged token is recorded as in
-    ``kept_indices``, so that the record stays ``(B, n + C)``.
-    """
-
-    kept: torch.Tensor  # (B, n) long
-    weights: torch.Tensor  # (B, C, N) float
-    sources: torch.Tensor  # (B, C) long
-
-
-class EncoderSelector(Protocol):
-    """What a pruning method implements to run inside a vision encoder (see ``FlowCutSelector``).
-
-    ``step`` returns ``None`` (keep everything), the indices to keep (B, n), or a :class:`TokenMerge`.
-    """
-
-    keep: int
-
-    def start(self, consume_layer: int) -> None: ...
-
-    def needs_scores(self, num_patches: int) -> bool: ...
-
-    def step(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, has_cls: bool
-    ) -> torch.Tensor | TokenMerge | None: ...
 
 
 @dataclass
@@ -189,7 +158,7 @@ class EncoderPassRecord:
 class EncoderPruner:
     """Installs the hooks of one selector on one tower instance. ``remove()`` takes every hook off."""
 
-    def __init__(self, spec: TowerSpec, selector: EncoderSelector, consume_layer: int) -> None:
+    def __init__(self, spec: TowerSpec, selector: VisionSelector, consume_layer: int) -> None:
         if not 1 <= consume_layer <= spec.num_layers - 1:
             raise ValueError(
                 f"FlowCut finishes pruning at the output of the layer before the consumed one; the consumed "

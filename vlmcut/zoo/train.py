@@ -133,7 +133,7 @@ def _scene_objects(
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from vlmcut.eval.scenes import _draw_object, generate_scene
+    from vlmcut.eval.scenes import draw_object, generate_scene
 
     match = re.fullmatch(r"scenes-(\w+)-(\d+)-(\d+)", key)
     if match is None:
@@ -145,7 +145,7 @@ def _scene_objects(
     owner = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(owner)
     for k, obj in enumerate(scene.objects):
-        _draw_object(draw, obj, k + 1, 1.0)
+        draw_object(draw, obj, k + 1, 1.0)
     owner_array = np.asarray(owner)
     return [(owner_array == k + 1, obj.color, obj.shape) for k, obj in enumerate(scene.objects)]
 
@@ -157,17 +157,17 @@ def _easy_vqa_objects(
     from the corner colour; its colour and shape words are read off the image's questions and answers."""
     import numpy as np
 
-    from vlmcut.eval.easyvqa import _COLOR_RE, _SHAPE_RE
+    from vlmcut.eval.easyvqa import COLOR_RE, SHAPE_RE
 
     color = shape = None
     for r in records:
         if r.family == "color":
             color = r.answer
-            found = _SHAPE_RE.search(r.question)
+            found = SHAPE_RE.search(r.question)
             shape = shape or (found[1] if found else None)
         elif r.family == "shape":
             shape = r.answer
-            found = _COLOR_RE.search(r.question)
+            found = COLOR_RE.search(r.question)
             color = color or (found[1] if found else None)
     pixels = np.asarray(dataset.image(key).convert("RGB"), dtype=np.int32)
     distance = np.abs(pixels - pixels[0, 0]).sum(-1)
@@ -348,11 +348,11 @@ class Grounding:
     """
 
     def __init__(self, model: Any, processor: Any, temperature: float = 10.0, min_cover: float = 0.4):
-        from vlmcut.eval.easyvqa import _EASY_COLORS, _EASY_SHAPES
+        from vlmcut.eval.easyvqa import EASY_COLORS, EASY_SHAPES
         from vlmcut.eval.scenes import COLORS, SHAPES
 
-        self.colors = tuple(dict.fromkeys([*COLORS, *_EASY_COLORS]))
-        self.shapes = tuple(dict.fromkeys([*SHAPES, *_EASY_SHAPES]))
+        self.colors = tuple(dict.fromkeys([*COLORS, *EASY_COLORS]))
+        self.shapes = tuple(dict.fromkeys([*SHAPES, *EASY_SHAPES]))
         tok = processor.tokenizer
         # an answer is tokenised on its own at the start of the assistant turn: its first token is the word
         ids = [tok(w, add_special_tokens=False).input_ids[0] for w in (*self.colors, *self.shapes)]

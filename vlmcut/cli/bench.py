@@ -1,7 +1,7 @@
 """``vlmcut bench``: the efficiency benchmark of :mod:`vlmcut.bench.runner` on the command line.
 
-Registered by ``vlmcut/cli.py`` with ``from .bench.cli_bench import add_parser``; runnable on its own as
-``python -m vlmcut.bench.cli_bench ...`` (same arguments).
+Registered by ``vlmcut/cli/__init__.py`` with ``from .bench import add_parser``; runnable on its own as
+``python -m vlmcut.cli.bench ...`` (same arguments).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ DEFAULT_PRESET = "llava-1.5-7b"
 def _family_and_depth(args: argparse.Namespace) -> tuple[str, int | None]:
     """``(model family, decoder layers or None when unknown)`` of the preset or ``--model`` directory,
     read from configs only (nothing is built)."""
-    from ..cli import UsageError, blame
+    from ..bench.presets import get_preset
     from ..inference import model_config
-    from .presets import get_preset
+    from . import UsageError, blame
 
     if args.model is not None:
         with blame("--model"):
@@ -41,8 +41,8 @@ def check_args(args: argparse.Namespace) -> None:
     naming the argument otherwise."""
     import torch
 
-    from ..cli import UsageError, check_out_dir
-    from ..models.qwen2_vl import QWEN_METHODS
+    from ..models.registry import adapter_named
+    from . import UsageError, check_out_dir
 
     check_out_dir(args.out)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -60,15 +60,17 @@ def check_args(args: argparse.Namespace) -> None:
             f"argument --image-size: {source} is LLaVA-1.5, which resizes every image to its tower's square "
             f"size; --image-size is for LLaVA-NeXT and Qwen2-VL only"
         )
-    if family == "qwen2_vl" and not set(args.methods) & set(QWEN_METHODS):
+    adapter = adapter_named(family)  # the config's model_type names its family
+    if not set(args.methods) & set(adapter.supported_methods()):
         raise UsageError(
-            f"argument --methods: none of {', '.join(args.methods)} runs on Qwen2-VL ({source}); "
-            f"pass some of {', '.join(QWEN_METHODS)}"
+            f"argument --methods: none of {', '.join(args.methods)} runs on {adapter.title} ({source}); "
+            f"pass some of {', '.join(adapter.supported_methods())}"
         )
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .runner import print_summary, run_benchmark
+    from ..bench.results import print_summary
+    from ..bench.runner import run_benchmark
 
     check_args(args)
     source: str = args.model if args.model is not None else (args.preset or DEFAULT_PRESET)
@@ -99,8 +101,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``bench`` on ``subparsers`` (from ``parser.add_subparsers()``); sets ``func=_cmd_bench``."""
     from ..api import available_methods
-    from ..cli import non_negative_int, positive_int
-    from .presets import list_presets
+    from ..bench.presets import list_presets
+    from . import non_negative_int, positive_int
 
     p = subparsers.add_parser(
         "bench",
@@ -108,7 +110,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "Time the unpruned model, every method x keep, and an oracle per keep (FlowCut's gathers replayed "
             "without scoring), interleaved; write bench.json, bench.md and bench.png into --out. Runs LLaVA-1.5, "
-            "LLaVA-NeXT and Qwen2-VL; methods a model does not support (Qwen2-VL: flowcut, fastv, pdrop, "
+            "LLaVA-NeXT and Qwen2-VL; methods a model does not support (Qwen2-VL: fastv, flowcut, pdrop, "
             "sparsevlm only) and budgets a staged method cannot reach are skipped with a note."
         ),
     )
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlmcut")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    from ..cli import report_errors
+    from . import report_errors
 
     return report_errors("bench", args.func, args)
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .api import available_methods
+from ..api import available_methods
 
 DEBUG_ENV = "VLMCUT_DEBUG"
 # What the library raises for bad inputs, whoever raised it (RuntimeError only from vlmcut's own code).
@@ -122,7 +122,7 @@ def report_errors(command: str, func: Callable[[argparse.Namespace], int], args:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .inference import compare, load_image, load_llava, model_config, save_overlay
+    from ..inference import compare, load_image, load_llava, model_config, save_overlay
 
     image_path = Path(args.image)
     out_dir = check_out_dir(args.out)
@@ -163,7 +163,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from ..demo import run_demo
 
     check_out_dir(args.out)
     run_demo(args.out, keep=args.keep, n_scenes=args.scenes, max_new_tokens=args.max_new_tokens)
@@ -171,9 +171,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .eval.datasets import load_dataset
-    from .eval.runner import evaluate, sweep, write_reports
-    from .inference import load_llava, model_config
+    from ..eval.datasets import load_dataset
+    from ..eval.runner import evaluate, sweep, write_reports
+    from ..inference import load_llava, model_config
 
     # Every argument is checked before the model is loaded (the slow part).
     if not args.sweep and (args.method is None or args.keep is None):
@@ -194,7 +194,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         with blame("--model"):
             model, processor = load_llava(args.model, dtype=args.dtype)
     else:
-        from .demo import load_demo_model
+        from ..demo import load_demo_model
 
         model, processor, _ = load_demo_model()
     if args.sweep:
@@ -211,7 +211,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 ),
             ]
         stem = f"eval-{args.method}-{args.keep}"
-    from .eval.runner import markdown_table
+    from ..eval.runner import markdown_table
 
     print(markdown_table(results))
     paths = write_reports(results, args.out, stem)
@@ -219,8 +219,26 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def supported_text() -> str:
+    """The supported models and the methods each family runs, from the registries (for ``--help``)."""
+    from ..models.registry import ADAPTERS
+
+    lines = ["supported models (family: classes -> methods):"]
+    for adapter in ADAPTERS:
+        options = "".join(f"; option {o.name}" for o in adapter.options)
+        lines.append(
+            f"  {adapter.title}: {', '.join(adapter.classes)} -> {', '.join(adapter.supported_methods())}{options}"
+        )
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlmcut", description="Visual token pruning for Hugging Face VLMs.")
+    parser = argparse.ArgumentParser(
+        prog="vlmcut",
+        description="Visual token pruning for Hugging Face VLMs.",
+        epilog=supported_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="answer a question about an image, unpruned and pruned, with timings")
@@ -267,8 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="vlmcut-eval")
     ev.set_defaults(func=_cmd_eval)
 
-    from .analysis.cli_analyze import add_parser as add_analyze
-    from .bench.cli_bench import add_parser as add_bench
+    from .analyze import add_parser as add_analyze
+    from .bench import add_parser as add_bench
 
     add_analyze(sub)
     add_bench(sub)
@@ -278,7 +296,3 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return report_errors(args.command, args.func, args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

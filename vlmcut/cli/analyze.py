@@ -1,6 +1,6 @@
 """``vlmcut analyze``: the section-2 information-flow analysis of a model's vision tower, as an HTML report.
 
-Registered by ``vlmcut/cli.py`` through :func:`add_parser`. Examples::
+Registered by ``vlmcut/cli/__init__.py`` through :func:`add_parser`. Examples::
 
     vlmcut analyze --model path/to/llava --image cat.jpg --prompt "What is this?" --keep 64 --out report/
     vlmcut analyze --zoo --images scikit-image --keep 64 --out docs/analysis
