@@ -1,0 +1,133 @@
+"""Vision-stage pruning inside one vLLM vision tower instance (CLIP or SigLIP), one image per pass.
+
+vLLM's towers fuse ``q, k, v`` into one ``qkv_proj`` and run an attention kernel that returns no weights.
+On this instance only (nothing is assigned to a vLLM class):
+
+* a forward hook on each layer's ``self_attn.qkv_proj`` keeps that layer's projections while it runs;
+* a forward hook on each encoder layer hands ``q, k, v`` (all heads: with tensor parallelism the shards
+  are gathered first, so the choice does not depend on how heads are split) to a selector from
+  ``vlmcut.methods`` and returns the kept tokens, or the merged ones (VisionZip), as the layer's output.
+  vLLM's encoder loop feeds that to the next layer; the tower then applies the model's feature-select
+  strategy (LLaVA-1.5 drops CLS) to what is left.
+
+The hooks do nothing outside :meth:`TowerPruning.run`. Every image gets its own pass and its own selector:
+its kept tokens depend neither on the other images of vLLM's batch nor on their requests' budgets.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def content_key(image: torch.Tensor) -> int:
+    """A 32-bit checksum of one image's pixels (C, H, W): seeds the random method per image, as
+    ``vlmcut.prune`` does (the same image draws the same patches in any batch)."""
+    return zlib.crc32(image.detach().float().cpu().contiguous().numpy().tobytes())
+
+
+def gather_tokens(hidden: torch.Tensor, idx: torch.Tensor, has_cls: bool) -> torch.Tensor:
+    """Keep patch tokens ``idx`` (B, n) of ``hidden`` (B, T, D); the CLS token stays in front."""
+    off = int(has_cls)
+    kept = torch.gather(hidden[:, off:], 1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    return torch.cat([hidden[:, :off], kept], dim=1)
+
+
+def merge_tokens(hidden: torch.Tensor, merge: Any, has_cls: bool) -> torch.Tensor:
+    """A selector's merge plan (``kept`` (B, n), ``weights`` (B, C, N)): CLS, kept tokens, then the
+    ``C`` weighted averages of the current patch tokens (averaged in float32 at least)."""
+    patches = hidden[:, int(has_cls) :]
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    merged = torch.bmm(merge.weights.to(dtype), patches.to(dtype)).to(hidden.dtype)  # (B, C, D)
+    return torch.cat([gather_tokens(hidden, merge.kept, has_cls), merged], dim=1)
+
+
+class TowerPruning:
+    """Hooks of a selector on one vLLM tower (``tower.vision_model.encoder.layers``).
+
+    Args:
+        tower: vLLM's ``CLIPVisionModel`` / ``SiglipVisionModel`` instance, built only up to the layer whose
+            output the model consumes (vLLM drops the later layers), so that layer is the last one.
+        has_cls: whether the tower's first token is a CLS token (CLIP) or not (SigLIP).
+        gather_heads: joins a ``(B, T, local_heads * d)`` shard into all heads (tensor parallelism), or
+            ``None`` when every rank holds all heads.
+    """
+
+    def __init__(
+        self,
+        tower: nn.Module,
+        has_cls: bool,
+        gather_heads: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        layers = tower.vision_model.encoder.layers
+        attn = layers[0].self_attn
+        self.num_heads = int(attn.num_heads)
+        self.head_dim = int(attn.head_dim)
+        self.scale = float(attn.scale)
+        self.has_cls = has_cls
+        self.num_layers = len(layers)
+        self.consume_layer = self.num_layers - 1  # vLLM built the tower up to the consumed layer
+        if self.consume_layer < 1:
+            raise ValueError(
+                f"the vision tower is read at the output of its layer {self.consume_layer} (0-based), which "
+                f"leaves no layer to prune in; vision_feature_layer must select hidden_states[2] or later"
+            )
+        self._gather_heads = gather_heads
+        self._selector: Any = None
+        self._qkv: torch.Tensor | None = None
+        self._handles = []
+        for i, layer in enumerate(layers):
+            self._handles.append(layer.self_attn.qkv_proj.register_forward_hook(self._capture))
+            self._handles.append(layer.register_forward_hook(self._make_post(i)))
+
+    def run(self, forward: Callable[[torch.Tensor], Any], image: torch.Tensor, selector: Any) -> Any:
+        """``forward(image)`` for one image (1, C, H, W) with ``selector`` pruning inside the tower."""
+        selector.start(self.consume_layer)
+        set_keys = getattr(selector, "set_image_keys", None)
+        if set_keys is not None:
+            set_keys([content_key(image[0])])
+        self._selector = selector
+        try:
+            return forward(image)
+        finally:
+            self._selector = None
+            self._qkv = None
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    # -- hooks ---------------------------------------------------------------------------------------
+    def _capture(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._selector is not None:
+            self._qkv = output[0] if isinstance(output, tuple) else output
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        if self._gather_heads is not None and x.shape[-1] < self.num_heads * self.head_dim:
+            x = self._gather_heads(x)
+        b, t, _ = x.shape
+        return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
+
+    def _make_post(self, i: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            selector, qkv, self._qkv = self._selector, self._qkv, None
+            if selector is None:
+                return None
+            if not selector.needs_scores(output.shape[1] - int(self.has_cls)):
+                return None
+            if qkv is None:
+                raise RuntimeError(f"layer {i}: qkv_proj did not run through its module; cannot score tokens")
+            q, k, v = (self._heads(t.contiguous()) for t in qkv.chunk(3, dim=-1))
+            choice = selector.step(i, q, k, v, self.scale, self.has_cls)
+            if choice is None:
+                return None
+            if isinstance(choice, torch.Tensor):
+                return gather_tokens(output, choice, self.has_cls)
+            return merge_tokens(output, choice, self.has_cls)
+
+        return hook
