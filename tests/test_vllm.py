@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -27,6 +28,7 @@ if os.environ.get("VLMCUT_REQUIRE_VLLM"):
 else:
     pytest.importorskip("vllm")
 
+import tiny  # noqa: E402
 import torch  # noqa: E402
 from transformers import (  # noqa: E402
     AutoProcessor,
@@ -39,10 +41,8 @@ from transformers import (  # noqa: E402
 import vlmcut  # noqa: E402
 from vlmcut.integrations.vllm import engine_overrides  # noqa: E402
 
-import tiny  # noqa: E402
-
 METHODS = ["flowcut", "visionzip", "fastervlm", "random", "grid"]
-ENGINE_KEEP = 16
+ENGINE_KEEP = 64  # every patch: requests without a budget are unpruned
 KEEPS = [16, 8, 4]
 NEW_TOKENS = 8
 PROMPTS = [  # (text, number of images)
@@ -226,29 +226,28 @@ def test_request_keep_above_engine_keep_is_refused(engine):
         greedy(llm, [vllm_request(text, IMAGES[:1], ENGINE_KEEP + 1)])
 
 
-def test_unpruned_engine_keep_is_identity(model_dir, hf):
-    """keep = 64 (every patch) decodes the unpruned HF model's tokens; the stock architecture stays vLLM's."""
+def test_unpruned_request_is_identity(engine, hf):
+    """Without a budget a request keeps all 64 patches: the unpruned HF model's tokens. The stock
+    architecture stays vLLM's own class."""
     from vllm import ModelRegistry
     from vllm.model_executor.models.llava import LlavaForConditionalGeneration as StockLlava
 
     assert ModelRegistry._try_load_model_cls("LlavaForConditionalGeneration") is StockLlava
+    _, llm = engine
     model, proc = hf
     text, n = PROMPTS[1]
     inputs = proc(text=text, images=IMAGES[:n], return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
-    llm = start_engine(model_dir, "flowcut", keep=64)
-    try:
-        got = greedy(llm, [vllm_request(text, IMAGES[:n], None)])
-    finally:
-        stop_engine(llm)
-    assert got == [out[0, inputs["input_ids"].shape[1] :].tolist()]
+    assert greedy(llm, [vllm_request(text, IMAGES[:n], None)]) == [
+        out[0, inputs["input_ids"].shape[1] :].tolist()
+    ]
 
 
 def test_siglip_tower_matches_hf(tmp_path_factory):
     siglip_dir = save_tiny_llava(tmp_path_factory.mktemp("tiny-llava-siglip"), tower="siglip")
     model = LlavaForConditionalGeneration.from_pretrained(siglip_dir, dtype=torch.float32).eval()
     hf_siglip = (model, AutoProcessor.from_pretrained(siglip_dir))
-    llm = start_engine(siglip_dir, "flowcut")
+    llm = start_engine(siglip_dir, "flowcut", keep=16)
     try:
         reqs = requests()
         got = greedy(llm, [vllm_request(p, ims, k) for p, ims, k in reqs])
@@ -284,18 +283,25 @@ def png_data_url(image) -> str:
 
 def post_json(url: str, body: dict, timeout: float = 60) -> dict:
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        raise AssertionError(f"{url}: HTTP {err.code}: {err.read()[:2000]!r}") from None
 
 
-def test_server_answers_like_the_offline_engine(model_dir):
+@pytest.mark.parametrize("engine", ["flowcut"], indirect=True)
+def test_server_answers_like_the_offline_engine(model_dir, engine):
+    """`vlmcut serve` on a free local port: a chat completion with a base64 image and a per-request budget
+    gets the offline engine's text; SIGINT stops the server within 30 s."""
     port = free_port()
     engine_flags = [
         "--max-model-len", "512", "--enforce-eager", "--dtype", "float32", "--seed", "0",
         "--max-num-seqs", "8", "--limit-mm-per-prompt", '{"image": 2}',
         "--gpu-memory-utilization", "0.2", "--kv-cache-memory-bytes", str(1 << 28),
+        "--trust-request-mm-kwargs",  # vLLM refuses per-request mm_processor_kwargs without it
     ]  # fmt: skip
-    cmd = [sys.executable, "-m", "vlmcut.cli", "serve", str(model_dir), "--method", "flowcut", "--keep", "16",
+    cmd = [sys.executable, "-m", "vlmcut.cli", "serve", str(model_dir), "--method", "flowcut", "--keep", "64",
            "--port", str(port), *engine_flags]  # fmt: skip
     log = open(model_dir / "server.log", "wb")  # noqa: SIM115
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -340,14 +346,7 @@ def test_server_answers_like_the_offline_engine(model_dir):
             log.close()
     from vllm import SamplingParams
 
-    llm = start_engine(model_dir, "flowcut")
-    try:
-        offline = llm.chat(
-            messages,
-            SamplingParams(max_tokens=NEW_TOKENS, temperature=0),
-            mm_processor_kwargs={"vlmcut_keep": 8},
-            use_tqdm=False,
-        )[0].outputs[0].text
-    finally:
-        stop_engine(llm)
-    assert served["content"] == offline
+    _, llm = engine
+    sp = SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
+    offline = llm.chat(messages, sp, mm_processor_kwargs={"vlmcut_keep": 8}, use_tqdm=False)[0].outputs[0]
+    assert served["content"] == offline.text

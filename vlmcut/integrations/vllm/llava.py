@@ -94,7 +94,9 @@ class PrunedLlavaMultiModalProcessor(LlavaMultiModalProcessor):
         fields[REQUEST_KEEP] = MultiModalFieldConfig.batched("image")
         return fields
 
-    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs) -> Sequence[PromptReplacement]:
+    def _get_prompt_updates(
+        self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs
+    ) -> Sequence[PromptReplacement]:
         image_token_id = self.info.get_hf_config().image_token_index
         keep = request_keep(hf_processor_mm_kwargs, self.info.model_keep())
 
@@ -103,7 +105,9 @@ class PrunedLlavaMultiModalProcessor(LlavaMultiModalProcessor):
             if isinstance(images, ImageEmbeddingItems):  # precomputed features: as many as given
                 return [image_token_id] * images.get_feature_size(item_idx)
             size = images.get_image_size(item_idx)
-            count = self.info.get_num_image_tokens(image_width=size.width, image_height=size.height, keep=keep)
+            count = self.info.get_num_image_tokens(
+                image_width=size.width, image_height=size.height, keep=keep
+            )
             return [image_token_id] * count
 
         return [PromptReplacement(modality="image", target=[image_token_id], replacement=placeholders)]
@@ -165,7 +169,9 @@ class FlowCutLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             return self._process_image_input(image_input)
         pixel_values = image_input["pixel_values"]
         n = len(pixel_values)
-        keeps = [self.pruning.keep] * n if keeps is None else [int(k) for k in torch.as_tensor(keeps).flatten()]
+        keeps = (
+            [self.pruning.keep] * n if keeps is None else [int(k) for k in torch.as_tensor(keeps).flatten()]
+        )
         if len(keeps) != n:
             raise ValueError(f"{REQUEST_KEEP}: {len(keeps)} budgets for {n} images")
 

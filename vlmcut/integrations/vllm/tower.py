@@ -114,11 +114,13 @@ class TowerPruning:
         return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
 
     def _make_post(self, i: int) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             selector, qkv, self._qkv = self._selector, self._qkv, None
             if selector is None:
                 return None
-            if not selector.needs_scores(output.shape[1] - int(self.has_cls)):
+            # CLIP's layer returns the hidden states, SigLIP's a (hidden states, None) tuple
+            hidden = output[0] if isinstance(output, tuple) else output
+            if not selector.needs_scores(hidden.shape[1] - int(self.has_cls)):
                 return None
             if qkv is None:
                 raise RuntimeError(f"layer {i}: qkv_proj did not run through its module; cannot score tokens")
@@ -127,7 +129,9 @@ class TowerPruning:
             if choice is None:
                 return None
             if isinstance(choice, torch.Tensor):
-                return gather_tokens(output, choice, self.has_cls)
-            return merge_tokens(output, choice, self.has_cls)
+                hidden = gather_tokens(hidden, choice, self.has_cls)
+            else:
+                hidden = merge_tokens(hidden, choice, self.has_cls)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return hook
