@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [sys.executable, "-m", "vlmcut.cli", "serve", str(model_dir), "--method", "flowcut", "--keep", "576",
            "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
            "--max-num-seqs", str(args.requests), "--max-num-batched-tokens", "8192",
-           "--no-enable-prefix-caching", "--mm-processor-cache-gb", "0",
+           "--no-enable-prefix-caching", "--mm-processor-cache-gb", "0", "--trust-request-mm-kwargs",
            "--gpu-memory-utilization", "0.3", "--kv-cache-memory-bytes", str(2 << 30)]  # fmt: skip
     log = open(out / "server.log", "wb")  # noqa: SIM115
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

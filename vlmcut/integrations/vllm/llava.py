@@ -21,7 +21,7 @@ import torch
 
 from . import ensure_pixtral_import
 from .settings import ARCHITECTURE, REQUEST_KEEP, request_keep, settings_from_config
-from .tower import TowerPruning
+from .tower import TowerPruning, nest_tower_names
 
 ensure_pixtral_import()  # vLLM's llava module imports its pixtral module (see ensure_pixtral_import)
 
@@ -120,17 +120,6 @@ def _tp_gather() -> Any:
     if get_tensor_model_parallel_world_size() == 1:
         return None
     return lambda x: tensor_model_parallel_all_gather(x.contiguous(), dim=-1)
-
-
-def nest_tower_names(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
-    """transformers 5 saves LLaVA's tower as ``model.vision_tower.embeddings...``; vLLM's towers keep the
-    ``vision_model`` level (``vision_tower.vision_model.embeddings...``). Older checkpoints pass unchanged."""
-    for name, tensor in weights:
-        for prefix in ("model.vision_tower.", "vision_tower."):
-            if name.startswith(prefix) and not name.startswith(prefix + "vision_model."):
-                name = prefix + "vision_model." + name[len(prefix) :]
-                break
-        yield name, tensor
 
 
 @MULTIMODAL_REGISTRY.register_processor(

