@@ -256,6 +256,26 @@ def test_siglip_tower_matches_hf(tmp_path_factory):
     assert got == [hf_tokens(hf_siglip, "flowcut", p, ims, k) for p, ims, k in reqs]
 
 
+def test_tensor_parallel_2_matches_hf(model_dir, hf, monkeypatch):
+    """TP = 2: each rank holds half of the tower's heads; the plugin gathers q, k, v before scoring, so the
+    choice (and every token) is the HF path's, as with one rank."""
+    from vllm import LLM
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per rank on a 2-core machine
+    llm = LLM(
+        str(model_dir),
+        hf_overrides=engine_overrides("flowcut", keep=ENGINE_KEEP),
+        tensor_parallel_size=2,
+        **ENGINE_ARGS,
+    )
+    try:
+        reqs = requests()
+        got = greedy(llm, [vllm_request(p, ims, k) for p, ims, k in reqs])
+    finally:
+        stop_engine(llm)
+    assert got == [hf_tokens(hf, "flowcut", p, ims, k) for p, ims, k in reqs]
+
+
 def test_decoder_methods_are_refused():
     for method in ("fastv", "pdrop", "sparsevlm"):
         with pytest.raises(ValueError, match="prunes inside the language model"):
