@@ -22,7 +22,7 @@ from vlmcut.methods.visionzip import (
     key_metric,
     visionzip_plan,
 )
-from vlmcut.models.vit import _merge_tokens, tower_spec
+from vlmcut.models.vit import merge_tokens, tower_spec
 
 TOWERS = [tiny.clip_tower, tiny.siglip_tower, tiny.dinov2_tower]
 METHODS = ["fastervlm", "visionzip"]
@@ -162,13 +162,13 @@ def test_visionzip_hand_checked_selection_and_groups() -> None:
     assert torch.equal(w[w > 0], torch.full((8,), 0.25, dtype=torch.float64))  # plain group mean
     # applied to a layer output: CLS, dominant tokens, then each group's average
     hidden = torch.randn(1, 11, 6, dtype=torch.float64)
-    out = _merge_tokens(hidden, plan, has_cls=True)
+    out = merge_tokens(hidden, plan, has_cls=True)
     p = hidden[0, 1:]
     expected = torch.stack([hidden[0, 0], p[2], p[7], p[[0, 1, 3, 9]].mean(0), p[[4, 5, 6, 8]].mean(0)])
     torch.testing.assert_close(out[0], expected, rtol=0, atol=1e-15)
     # the release's rule: target + mean of the other members
     release = visionzip_plan(global_attention(q, k, k, 1.0, True), key_metric(k, True), 2, 2, "release")
-    out = _merge_tokens(hidden, release, has_cls=True)
+    out = merge_tokens(hidden, release, has_cls=True)
     torch.testing.assert_close(out[0, 3], p[0] + p[[1, 3, 9]].mean(0), rtol=0, atol=1e-15)
     torch.testing.assert_close(out[0, 4], p[5] + p[[4, 6, 8]].mean(0), rtol=0, atol=1e-15)
     # contextual=0 is FasterVLM with the summed-head ranking: plain indices

@@ -1,4 +1,4 @@
-"""The ``vlmcut`` command line: run, demo, eval, analyze, bench.
+"""The ``vlmcut`` command line: run, demo, eval, analyze, bench, serve.
 
 A bad invocation prints one line, ``vlmcut <command>: error: <message>``, and exits with status 2: argparse's
 own usage errors, the checks here (:class:`UsageError`), and the library's ``ValueError`` / ``TypeError`` /
@@ -290,9 +290,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_analyze(sub)
     add_bench(sub)
+    _add_serve(sub)
     return parser
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser(
+        "serve",
+        allow_abbrev=False,
+        help="vLLM's OpenAI-compatible server for a pruned LLaVA (needs vLLM; other arguments go to vLLM)",
+    )
+    serve.add_argument("model", help="local LLaVA directory")
+    serve.add_argument("--method", default="flowcut", help="a vision-stage method (default flowcut)")
+    serve.add_argument("--keep", type=positive_int, default=64, help="visual tokens per image (default 64)")
+    serve.add_argument(
+        "--option", action="append", default=[], metavar="NAME=VALUE", help="a method option (JSON value)"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from ..integrations.vllm.serve import serve
+
+    options = {}
+    for item in args.option:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"argument --option: expected NAME=VALUE, got {item!r}")
+        try:
+            options[name] = json.loads(value)
+        except json.JSONDecodeError:
+            options[name] = value
+    return serve(args.model, args.method, args.keep, options, args.host, args.vllm_args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "serve":  # only `serve` passes unknown arguments on (to vLLM)
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.vllm_args = extra
     return report_errors(args.command, args.func, args)

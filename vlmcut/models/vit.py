@@ -210,7 +210,7 @@ class EncoderPruner:
         set_keys = getattr(self.selector, "set_image_keys", None)
         if set_keys is not None and isinstance(pixels, torch.Tensor):
             # selectors that draw per image (random) draw from the image's own pixels, not its batch slot
-            set_keys([_content_key(x) for x in pixels])
+            set_keys([content_key(x) for x in pixels])
         self._begin_image()
 
     def _splits(self, pixels: torch.Tensor) -> bool:
@@ -299,11 +299,11 @@ class EncoderPruner:
                     while len(self._decisions) > _MAX_DECISIONS:
                         self._decisions.popitem(last=False)
                 if isinstance(idx, torch.Tensor):
-                    hidden = _gather_tokens(hidden, idx, spec.has_cls)
+                    hidden = gather_tokens(hidden, idx, spec.has_cls)
                     self._orig_idx = torch.gather(self._orig_idx, 1, idx)
                     result = rebuild(hidden)
                 elif idx is not None:  # a TokenMerge
-                    hidden = _merge_tokens(hidden, idx, spec.has_cls)
+                    hidden = merge_tokens(hidden, idx, spec.has_cls)
                     recorded = torch.cat([idx.kept, idx.sources], dim=1)  # merged: the source's position
                     self._orig_idx = torch.gather(self._orig_idx, 1, recorded)
                     result = rebuild(hidden)
@@ -321,8 +321,8 @@ class EncoderPruner:
         if decision is None or tuple(hidden.shape) != shape:
             return None
         if isinstance(decision, torch.Tensor):
-            return rebuild(_gather_tokens(hidden, decision, self.spec.has_cls))
-        return rebuild(_merge_tokens(hidden, decision, self.spec.has_cls))
+            return rebuild(gather_tokens(hidden, decision, self.spec.has_cls))
+        return rebuild(merge_tokens(hidden, decision, self.spec.has_cls))
 
     def remove(self) -> None:
         for h in self._handles:
@@ -339,7 +339,7 @@ class EncoderPruner:
 _MAX_DECISIONS = 1024
 
 
-def _content_key(x: torch.Tensor) -> int:
+def content_key(x: torch.Tensor) -> int:
     """A 32-bit checksum of one image's pixels (the same image gives the same key in any batch)."""
     return zlib.crc32(x.detach().float().cpu().contiguous().numpy().tobytes())
 
@@ -421,7 +421,7 @@ def _join_outputs(outputs: list[Any]) -> Any:
     return _join(outputs)
 
 
-def _gather_tokens(hidden: torch.Tensor, idx: torch.Tensor, has_cls: bool) -> torch.Tensor:
+def gather_tokens(hidden: torch.Tensor, idx: torch.Tensor, has_cls: bool) -> torch.Tensor:
     """Keep patch tokens ``idx`` (B, n) of ``hidden`` (B, T, D); the global token stays in front."""
     off = int(has_cls)
     patches = hidden[:, off:]
@@ -429,9 +429,9 @@ def _gather_tokens(hidden: torch.Tensor, idx: torch.Tensor, has_cls: bool) -> to
     return torch.cat([hidden[:, :off], kept], dim=1) if has_cls else kept
 
 
-def _merge_tokens(hidden: torch.Tensor, merge: TokenMerge, has_cls: bool) -> torch.Tensor:
+def merge_tokens(hidden: torch.Tensor, merge: TokenMerge, has_cls: bool) -> torch.Tensor:
     """Apply a :class:`TokenMerge` to ``hidden`` (B, T, D): global token, kept tokens, then merged ones."""
     patches = hidden[:, int(has_cls) :]
     dtype = torch.promote_types(hidden.dtype, torch.float32)  # average half-precision tokens in float32
     merged = torch.bmm(merge.weights.to(dtype), patches.to(dtype)).to(hidden.dtype)  # (B, C, D)
-    return torch.cat([_gather_tokens(hidden, merge.kept, has_cls), merged], dim=1)
+    return torch.cat([gather_tokens(hidden, merge.kept, has_cls), merged], dim=1)
