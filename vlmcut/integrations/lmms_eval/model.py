@@ -417,49 +417,58 @@ class VlmcutLMM(lmms):
         return results  # type: ignore[return-value]
 
     @torch.no_grad()
-    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+    def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
         """``(log P(continuation | image, context), continuation is the greedy one)`` per request:
-        ``(context, continuation or doc_to_target, doc_to_visual, doc_id, task, split)``."""
+        ``(context, continuation or doc_to_target, doc_to_visual, doc_id, task, split)``. The continuation is
+        tokenized on its own and appended to the prompt's tokens (no merge across the boundary).
+
+        Each pair comes wrapped as ``GenerationResult(text=(logprob, is_greedy), token_counts=...)``:
+        lmms-eval 0.7.3's evaluator passes every model output through ``unwrap_generation_output``, which
+        turns a bare ``(float, bool)`` tuple into its ``str`` (multiple-choice scoring then fails for every
+        model); a ``GenerationResult`` is unwrapped to the pair itself, with the efficiency counts logged."""
         t0 = time.perf_counter()
-        results: list[tuple[float, bool] | None] = [None] * len(requests)
-        prefill = []
+        results: list[GenerationResult | None] = [None] * len(requests)
+        all_counts: list[VlmcutTokenCounts] = []
         for batch in _batches(requests, self.batch_size):
-            texts, images, cont_lens = [], [], []
+            texts, images, conts = [], [], []
             for _, req in batch:
                 context, target, doc_to_visual, doc_id, task, split = req.args
                 doc = self._doc(task, split, doc_id)
                 continuation = target if isinstance(target, str) else str(target(doc))
                 visuals = _images(doc_to_visual(doc) if doc_to_visual else [])
-                prompt = self.prompt(context, len(visuals))
-                # Placeholders expand alike in both, so the difference is the continuation's token count.
-                enc = self._tokenizer([prompt, prompt + continuation], add_special_tokens=False)["input_ids"]
-                cont_lens.append(len(enc[1]) - len(enc[0]))
-                if cont_lens[-1] < 1:
-                    raise ValueError(
-                        f"continuation {continuation!r} adds no token to the prompt of doc {doc_id}"
-                    )
-                texts.append(prompt + continuation)
+                texts.append(self.prompt(context, len(visuals)))
                 images += visuals
-            inputs = self._inputs(texts, images)
+                ids = self._tokenizer(continuation, add_special_tokens=False)["input_ids"]
+                if not ids:
+                    raise ValueError(f"continuation {continuation!r} of doc {doc_id} has no tokens")
+                conts.append(torch.tensor(ids, dtype=torch.long))
+            inputs = _append(self._inputs(texts, images), conts, self._pad_id())
             out, pre = self._run(lambda inputs=inputs: self._model(**inputs), len(texts))
             logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # (B, T', V): T' <= T after pruning
-            ids = inputs["input_ids"]
-            for row, ((index, _), n) in enumerate(zip(batch, cont_lens, strict=True)):
-                target_ids = ids[row, -n:]  # left padding: every row ends with its continuation
+            for row, ((index, _), cont) in enumerate(zip(batch, conts, strict=True)):
+                n = cont.numel()
+                target_ids = inputs["input_ids"][
+                    row, -n:
+                ]  # left padding: every row ends with its continuation
                 lp = logprobs[row, -n - 1 : -1]  # (n, V): the predictions of those tokens
                 score = lp.gather(-1, target_ids[:, None]).sum().item()
-                greedy = bool((lp.argmax(-1) == target_ids).all())
-                results[index] = (score, greedy)
-            prefill.append((pre, len(texts)))
-        counts = [
-            VlmcutTokenCounts(
-                visual_tokens=v, visual_tokens_final=f, prefill_s=p.prefill_s, vision_s=p.vision_s
-            )
-            for p, _ in prefill
-            for v, f in zip(p.visual_tokens, p.visual_tokens_final, strict=True)
-        ]
-        self._log(counts, time.perf_counter() - t0)
+                counts = VlmcutTokenCounts(
+                    visual_tokens=pre.visual_tokens[row],
+                    visual_tokens_final=pre.visual_tokens_final[row],
+                    prefill_s=pre.prefill_s,
+                    vision_s=pre.vision_s,
+                )
+                pair = (score, bool((lp.argmax(-1) == target_ids).all()))
+                results[index] = GenerationResult(text=pair, token_counts=counts)  # type: ignore[arg-type]
+                all_counts.append(counts)
+        self._log(all_counts, time.perf_counter() - t0)
         return results  # type: ignore[return-value]
+
+    def _pad_id(self) -> int:
+        pad = getattr(self._tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(self._tokenizer, "eos_token_id", None)
+        return 0 if pad is None else int(pad)
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[list[str]]:
         """Simple multi-round requests ``(context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task,
@@ -606,6 +615,33 @@ def _images(visuals: Any) -> list[Image.Image]:
                 f"vlmcut's lmms-eval model takes images (PIL); this task sends {type(v).__name__} "
                 f"(video and audio tasks are not supported)"
             )
+    return out
+
+
+def _append(inputs: dict[str, Any], conts: list[torch.Tensor], pad: int) -> dict[str, Any]:
+    """The left-padded batch ``inputs`` with each row's continuation ids appended (rows re-padded on the
+    left); other per-token tensors (attention mask, token types) are extended alike."""
+    ids = inputs["input_ids"]
+    b, t = ids.shape
+    width = max(c.numel() for c in conts)
+    out = dict(inputs)
+    for key, value in inputs.items():
+        if not (torch.is_tensor(value) and value.shape == (b, t)):
+            continue
+        rows = []
+        for row, cont in enumerate(conts):
+            left = width - cont.numel()
+            if key == "input_ids":
+                head, tail = torch.full((left,), pad, dtype=value.dtype), cont.to(value.dtype)
+            elif key == "attention_mask":
+                head, tail = torch.zeros(left, dtype=value.dtype), torch.ones(cont.numel(), dtype=value.dtype)
+            else:
+                head, tail = (
+                    torch.zeros(left, dtype=value.dtype),
+                    torch.zeros(cont.numel(), dtype=value.dtype),
+                )
+            rows.append(torch.cat([head.to(value.device), value[row], tail.to(value.device)]))
+        out[key] = torch.stack(rows)
     return out
 
 
