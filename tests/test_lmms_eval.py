@@ -392,3 +392,28 @@ def test_results_file_carries_efficiency(zoo, tmp_path):
     (samples,) = tmp_path.rglob("*_samples_vlmcut_scenes.jsonl")
     first = json.loads(samples.read_text().splitlines()[0])
     assert first["token_counts"][0]["visual_tokens"] == 32
+
+
+def test_sweep_writes_table_1(tmp_path):
+    from vlmcut.integrations.lmms_eval.export import export_tasks
+    from vlmcut.integrations.lmms_eval.sweep import run_sweep, write_sweep
+
+    export_tasks(["scenes"], "test", 4, tmp_path / "tasks")
+    model, processor = tiny.llava(seed=0, text_layers=4), tiny.processor()
+    results, effs = run_sweep(
+        model, processor, ["vlmcut_scenes"], ["flowcut", "fastv"], [32, 16], tmp_path / "tasks", batch_size=2
+    )
+    assert [(r.method, r.keep) for r in results] == [
+        ("unpruned", None),
+        ("flowcut", 32),
+        ("fastv", 32),
+        ("flowcut", 16),
+        ("fastv", 16),
+    ]
+    assert results[0].retention == 1.0 and all(r.retention is not None for r in results)
+    assert [e.visual_tokens for e in effs] == [64, 32, 64, 16, 64]
+    assert [e.visual_tokens_final for e in effs] == [64, 32, 32, 16, 16]
+    assert all(not h for h in [getattr(model, "_forward_hooks", {})])  # every run took its method off
+    paths = write_sweep(results, effs, tmp_path / "out")
+    text = paths["md"].read_text()
+    assert "| method | 32 tokens | 16 tokens |" in text and "visual tokens -> LLM" in text

@@ -272,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_analyze(sub)
     add_bench(sub)
+    from .integrations.lmms_eval.cli import add_parser as add_lmms
+
+    add_lmms(sub)
     return parser
 
 
