@@ -355,7 +355,7 @@ def test_cli_bad_model_args_fail_with_our_message(zoo, tmp_path):
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **OFFLINE}, timeout=600)
     assert proc.returncode != 0
-    assert "unknown method 'nosuch'; available: ['none', 'flowcut'" in proc.stdout + proc.stderr
+    assert "unknown method 'nosuch'; available: ['none', 'fastervlm', " in proc.stdout + proc.stderr
     assert not list(tmp_path.rglob("*_results.json"))
 
 
