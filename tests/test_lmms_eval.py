@@ -417,3 +417,32 @@ def test_sweep_writes_table_1(tmp_path):
     paths = write_sweep(results, effs, tmp_path / "out")
     text = paths["md"].read_text()
     assert "| method | 32 tokens | 16 tokens |" in text and "visual tokens -> LLM" in text
+
+
+def test_llava_next_images_of_two_sizes():
+    """LLaVA-NeXT (crops per image, FlowCut's second stage in the LLM): neither the answer nor the visual
+    token counts of one image depend on its batch (padding is not counted)."""
+    from test_llava_next import SIZES, llava_next
+    from test_llava_next import images as next_images
+    from test_llava_next import processor as next_processor
+
+    model, processor = llava_next(seed=4), next_processor()
+    pictures = next_images(SIZES[:2], seed=4)
+
+    def answers(batch_size: int):
+        m = VlmcutLMM.from_loaded(model, processor, "flowcut", 12, batch_size=batch_size, max_new_tokens=4)
+        m.task_dict = {TASK: {SPLIT: [{"image": p} for p in pictures]}}
+        visual = lambda d: [d["image"]]  # noqa: E731
+        reqs = [
+            req("generate_until", (QUESTIONS[i], {"max_new_tokens": 4}, visual, i, TASK, SPLIT), i)
+            for i in range(2)
+        ]
+        return run(m, reqs)
+
+    one, two = answers(1), answers(2)
+    assert [r.text for r in one] == [r.text for r in two]
+    counts = [(r.token_counts.visual_tokens, r.token_counts.visual_tokens_final) for r in one]
+    assert counts == [(r.token_counts.visual_tokens, r.token_counts.visual_tokens_final) for r in two]
+    # FlowCut keeps keep/2 patches per crop in the tower, then keep in the LLM; the image-newline tokens of
+    # the unpadded grid count as visual tokens too (they are image placeholders in the prompt).
+    assert all(final < entered for entered, final in counts)

@@ -281,39 +281,46 @@ class VlmcutLMM(lmms):
             out["pixel_values"] = out["pixel_values"].to(self._model.dtype)
         return out
 
-    def _run(self, call: Any, rows: int) -> tuple[Any, _Prefill]:
-        """``call()`` with the prefill's visual tokens and stage times recorded."""
-        seen: list[torch.Tensor] = []
-        inner = getattr(self._model, "model", self._model)
+    def _run(self, call: Any, text_tokens: list[int]) -> tuple[Any, _Prefill]:
+        """``call()`` with the prefill's visual tokens and stage times recorded.
+
+        Measured, not derived from ``keep``: the language model's first call (the prefill) shows how many
+        tokens each row feeds it (its 2-D attention mask, else the sequence length); minus the row's text
+        tokens (``text_tokens``; pruning never drops text) that is the visual tokens that reached the LLM,
+        LLaVA-NeXT's image-newline tokens included. Methods that prune inside the LLM record the positions
+        alive after their last stage (``handle.llm_record``): those minus the text tokens are the final ones.
+        """
+        rows = len(text_tokens)
+        seen: list[torch.Tensor] = []  # the prefill's (B, T) mask of real (non-padding) positions
 
         def capture(module: Any, args: tuple, kwargs: dict) -> None:
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            if not seen and ids is not None and ids.shape[-1] > 1:
-                seen.append(ids.detach().clone())  # after vlmcut's own rewrite: what the LLM is fed
+            if seen:
+                return
+            mask = kwargs.get("attention_mask")
+            embeds = kwargs.get("inputs_embeds")
+            if embeds is None:
+                embeds = kwargs.get("input_ids", args[0] if args else None)
+            if torch.is_tensor(mask) and mask.dim() == 2:
+                seen.append(mask.detach().bool().cpu())
+            elif torch.is_tensor(embeds):
+                seen.append(torch.ones(rows, embeds.shape[1], dtype=torch.bool))
 
-        hook = inner.register_forward_pre_hook(capture, with_kwargs=True)
+        hook = self.language_model.register_forward_pre_hook(capture, with_kwargs=True)
         try:
             with StageTimer(self.vision or self.language_model, self.language_model) as timer:
                 out = call()
         finally:
             hook.remove()
-        visual = [0] * rows
-        final = [0] * rows
-        if seen:
-            ids = seen[0]
-            is_visual = torch.zeros_like(ids, dtype=torch.bool)
-            for token in self.visual_ids:
-                is_visual |= ids == token
-            visual = is_visual.sum(-1).tolist()
-            final = list(visual)
-            record = self.handle.llm_record if self.handle is not None else None
-            stages = getattr(record, "kept_positions", None) if record is not None else None
-            if stages:
-                last = stages[-1].to(ids.device)  # (B, T_s): positions alive after the last prune layer
-                alive = torch.zeros_like(is_visual)
-                valid = last >= 0
-                alive.scatter_(1, last.clamp(min=0), valid)
-                final = (alive & is_visual).sum(-1).tolist()
+        real = seen[0] if seen else None
+        lengths = real.sum(-1).tolist() if real is not None else list(text_tokens)
+        visual = [max(int(n) - t, 0) for n, t in zip(lengths, text_tokens, strict=True)]
+        final = list(visual)
+        record = self.handle.llm_record if self.handle is not None else None
+        stages = getattr(record, "kept_positions", None) if record is not None else None
+        if stages and real is not None:
+            last = stages[-1].cpu()  # (B, T_s): positions alive after the last prune layer, -1 = filler
+            alive = (last >= 0) & real.gather(1, last.clamp(min=0))  # padding columns are not tokens
+            final = [max(int(n) - t, 0) for n, t in zip(alive.sum(-1).tolist(), text_tokens, strict=True)]
         times = timer.times
         vision_s = sum(times.vision) if self.vision is not None else 0.0
         return out, _Prefill(visual, final, times.prefill / max(rows, 1), vision_s / max(rows, 1))
@@ -340,11 +347,11 @@ class VlmcutLMM(lmms):
             sampling["num_beams"] = num_beams
         inputs = self._inputs(texts, images)
         width = inputs["input_ids"].shape[1]
+        text_tokens = self._text_tokens(inputs)
         out, pre = self._run(
-            lambda: self._model.generate(**inputs, max_new_tokens=max_new, **sampling), len(texts)
+            lambda: self._model.generate(**inputs, max_new_tokens=max_new, **sampling), text_tokens
         )
         new = out[:, width:]
-        text_tokens = self._text_tokens(inputs)
         decoded = self.processor.batch_decode(new, skip_special_tokens=True)
         pad = getattr(self._tokenizer, "pad_token_id", None)
         answers, counts = [], []
@@ -443,7 +450,7 @@ class VlmcutLMM(lmms):
                     raise ValueError(f"continuation {continuation!r} of doc {doc_id} has no tokens")
                 conts.append(torch.tensor(ids, dtype=torch.long))
             inputs = _append(self._inputs(texts, images), conts, self._pad_id())
-            out, pre = self._run(lambda inputs=inputs: self._model(**inputs), len(texts))
+            out, pre = self._run(lambda inputs=inputs: self._model(**inputs), self._text_tokens(inputs))
             logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # (B, T', V): T' <= T after pruning
             for row, ((index, _), cont) in enumerate(zip(batch, conts, strict=True)):
                 n = cont.numel()
