@@ -125,6 +125,7 @@ def test_options_become_the_config_types():
         ("method=flowcut,keep=64,history_weight=2", ValueError, "history_weight"),
         ("method=flowcut,keep=64,nosuch=1", TypeError, "unknown option(s) ['nosuch'] for method 'flowcut'"),
         ("method=flowcut", ValueError, "method=flowcut needs keep="),
+        ("method=none,keep=64", ValueError, "method=none runs the unpruned model and takes no keep"),
     ],
 )
 def test_bad_model_args_raise_vlmcuts_message(tmp_path, args, error, message):
@@ -203,7 +204,7 @@ def test_loglikelihood_is_the_sum_of_token_logprobs(llava):
         logits = model(**full).logits.float().log_softmax(-1)
     target = full["input_ids"][0, -n:]
     expected = logits[0, -n - 1 : -1].gather(-1, target[:, None]).sum().item()
-    assert score == pytest.approx(expected, abs=1e-5)
+    assert score == pytest.approx(-expected, abs=1e-5)  # lmms-eval 0.7.3 scores choices by argmin: the NLL
     assert greedy == bool((logits[0, -n - 1 : -1].argmax(-1) == target).all())
 
 
@@ -280,6 +281,10 @@ def test_exported_tasks_run_in_lmms_eval(tmp_path, llava):
     for task in ("vlmcut_scenes", "vlmcut_scenes_mc"):
         assert 0.0 <= out["results"][task]["acc,none"] <= 1.0
         assert len(out["samples"][task]) == 6
+    for sample in out["samples"]["vlmcut_scenes_mc"]:  # lmms-eval picks the smallest value: an NLL, >= 0
+        nll = [r[0] for r in sample["filtered_resps"]]
+        assert all(v >= 0 for v in nll)
+        assert sample["acc"] == float(nll.index(min(nll)) == int(sample["target"]))
     counts = out["samples"]["vlmcut_scenes"][0]["token_counts"][0]
     assert counts["visual_tokens"] == 16 and counts["prefill_s"] > 0
     assert out["throughput"]["avg_visual_tokens"] == 16

@@ -10,8 +10,9 @@
   default); both score ``loglikelihood`` (multiple-choice tasks) as well as generation, in batches with left
   padding. Pruning is per image, so no answer depends on what else is in its batch.
 * Efficiency next to accuracy: every generated sample carries, in its logged ``token_counts``,
-  ``visual_tokens`` (visual tokens that entered the language model), ``visual_tokens_final`` (those still
-  alive after the last in-LLM pruning stage: FastV, PDrop, SparseVLM, FlowCut's second stage) and
+  ``visual_tokens`` (visual tokens that entered the language model, measured at its prefill; LLaVA-NeXT's
+  image-newline tokens included), ``visual_tokens_final`` (those still alive after the last in-LLM pruning
+  stage: FastV, PDrop, SparseVLM, FlowCut's second stage on LLaVA-NeXT / Qwen2-VL) and
   ``prefill_s`` / ``vision_s`` (the batch's language-model prefill and vision-tower wall time, divided by its
   rows). The run's means land in the results file under ``throughput`` (``avg_visual_tokens``, ...).
 """
@@ -209,8 +210,11 @@ class VlmcutLMM(lmms):
             keep, options = prune_options(method, keep, options)
             self.handle = vlmcut.prune(model, method, keep=keep, **options)
             self.keep = keep
-        elif options:
-            raise ValueError(f"method=none takes no method options, got {sorted(options)}")
+        elif keep is not None or options:
+            given = sorted(options) + (["keep"] if keep is not None else [])
+            raise ValueError(
+                f"method=none runs the unpruned model and takes no keep or options; drop {given}"
+            )
         self.options = options
 
     def remove(self) -> None:
@@ -425,11 +429,15 @@ class VlmcutLMM(lmms):
 
     @torch.no_grad()
     def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
-        """``(log P(continuation | image, context), continuation is the greedy one)`` per request:
+        """``(-log P(continuation | image, context), continuation is the greedy one)`` per request:
         ``(context, continuation or doc_to_target, doc_to_visual, doc_id, task, split)``. The continuation is
         tokenized on its own and appended to the prompt's tokens (no merge across the boundary).
 
-        Each pair comes wrapped as ``GenerationResult(text=(logprob, is_greedy), token_counts=...)``:
+        The first value is the *negative* log-likelihood (summed over the continuation's tokens): lmms-eval
+        0.7.3's multiple-choice scoring takes the choice with the smallest value (``np.argmin``; its own
+        models return the loss), unlike lm-eval's log-probability convention.
+
+        Each pair comes wrapped as ``GenerationResult(text=(nll, is_greedy), token_counts=...)``:
         lmms-eval 0.7.3's evaluator passes every model output through ``unwrap_generation_output``, which
         turns a bare ``(float, bool)`` tuple into its ``str`` (multiple-choice scoring then fails for every
         model); a ``GenerationResult`` is unwrapped to the pair itself, with the efficiency counts logged."""
@@ -458,14 +466,14 @@ class VlmcutLMM(lmms):
                     row, -n:
                 ]  # left padding: every row ends with its continuation
                 lp = logprobs[row, -n - 1 : -1]  # (n, V): the predictions of those tokens
-                score = lp.gather(-1, target_ids[:, None]).sum().item()
+                nll = -lp.gather(-1, target_ids[:, None]).sum().item()
                 counts = VlmcutTokenCounts(
                     visual_tokens=pre.visual_tokens[row],
                     visual_tokens_final=pre.visual_tokens_final[row],
                     prefill_s=pre.prefill_s,
                     vision_s=pre.vision_s,
                 )
-                pair = (score, bool((lp.argmax(-1) == target_ids).all()))
+                pair = (nll, bool((lp.argmax(-1) == target_ids).all()))
                 results[index] = GenerationResult(text=pair, token_counts=counts)  # type: ignore[arg-type]
                 all_counts.append(counts)
         self._log(all_counts, time.perf_counter() - t0)
