@@ -109,6 +109,14 @@ def test_options_become_the_config_types():
     }
     assert prune_options("pdrop", 64, {"layers": "[1,2]"})[1] == {"layers": (1, 2)}
     assert prune_options("sparsevlm", 64, {"recycle": "false"})[1] == {"recycle": False}
+    from vlmcut.integrations.lmms_eval.model import split_model_args
+
+    assert split_model_args("pretrained=d, method=pdrop,layers=[1,2],keep=8") == [
+        "pretrained=d",
+        "method=pdrop",
+        "layers=[1,2]",
+        "keep=8",
+    ]
     # Not convertible: passed as given, so vlmcut's own validation names the problem.
     assert prune_options("flowcut", "lots", {"prune_interval": "often"}) == (
         "lots",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vlmcut.api import available_methods
+from vlmcut import available_methods
 from vlmcut.cli import blame, check_out_dir, positive_int
 
 from .options import NO_PRUNING

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lmms_eval import utils as lmms_utils
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
@@ -177,7 +176,7 @@ class VlmcutLMM(lmms):
         converted once, to the method config's field types (lmms-eval's own parsing turns ``keep=-1``
         into ``-1.0`` and ``layers=8;16`` stays text anyway)."""
         args = {}
-        for item in lmms_utils._smart_comma_split(arg_string.strip()) if arg_string.strip() else []:
+        for item in split_model_args(arg_string):
             if "=" not in item:
                 raise ValueError(f"--model_args entry {item!r} is not key=value; e.g. method=flowcut,keep=64")
             key, value = item.split("=", 1)
@@ -598,6 +597,28 @@ class VlmcutChatLMM(VlmcutLMM):
 # ------------------------------------------------------------------------------------------------------
 # Helpers
 # ------------------------------------------------------------------------------------------------------
+
+
+def split_model_args(text: str) -> list[str]:
+    """``key=value`` items of a ``--model_args`` string: commas split them except inside quotes or brackets
+    (``layers=[8,16,24]``)."""
+    items, current, depth, quote = [], [], 0, ""
+    for char in text.strip():
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+        elif char == "," and depth == 0:
+            items.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    items.append("".join(current))
+    return [item.strip() for item in items if item.strip()]
 
 
 def _positive_int(name: str, value: Any) -> int:
