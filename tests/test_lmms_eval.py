@@ -27,6 +27,10 @@ if importlib.util.find_spec("lmms_eval") is None:
     )
 
 import tiny  # noqa: E402
+from PIL import ImageFile  # noqa: E402
+
+_TRUNCATED = ImageFile.LOAD_TRUNCATED_IMAGES  # lmms_eval.api.task sets it to True for the whole process
+
 from lmms_eval.api.instance import Instance  # noqa: E402
 
 from vlmcut.integrations.lmms_eval.model import VlmcutChatLMM, VlmcutLMM  # noqa: E402
@@ -37,10 +41,15 @@ QUESTIONS = ["what is in the image ?", "how many red circle ?", "is the square l
 TASK, SPLIT = "t", "test"
 
 
+ImageFile.LOAD_TRUNCATED_IMAGES = _TRUNCATED  # so that other test modules still see truncated files fail
+
+
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+def _offline(monkeypatch: pytest.MonkeyPatch):
     for k, v in OFFLINE.items():
         monkeypatch.setenv(k, v)
+    yield
+    ImageFile.LOAD_TRUNCATED_IMAGES = _TRUNCATED
 
 
 @pytest.fixture(scope="module")
