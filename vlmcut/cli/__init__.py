@@ -287,10 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .analyze import add_parser as add_analyze
     from .bench import add_parser as add_bench
+    from .lmms import add_parser as add_lmms
 
     add_analyze(sub)
     add_bench(sub)
     _add_serve(sub)
+    add_lmms(sub)
     return parser
 
 
