@@ -122,7 +122,9 @@ class PruneHandle:
     def llm_record(self) -> Any:
         """For methods that prune inside the language model: ``LLMPassRecord`` of the last prefill, whose
         ``kept_positions[s]`` (B, T_s) are the original sequence positions alive after the ``s``-th prune
-        layer (-1: a filler column); ``None`` for vision-only methods."""
+        layer (-1: a filler column); ``None`` for vision-only methods. Only visual tokens are ever dropped, so
+        a left-padded row's padding columns stay in ``kept_positions``: mask them with the prompt's
+        ``attention_mask`` (gathered at those positions) to count real tokens."""
         if self._attachment is None:
             return self._final_llm
         return self._attachment.llm_record

@@ -61,7 +61,9 @@ class _Stage:
 class LLMPassRecord:
     """What the last prefill did in the language model."""
 
-    kept_positions: list[torch.Tensor] = field(default_factory=list)  # per stage: (B, T') original positions
+    # per stage: (B, T') original positions of the surviving columns, -1 for fillers; padding columns of the
+    # prompt survive (only visual tokens are dropped), so count real tokens with the attention mask
+    kept_positions: list[torch.Tensor] = field(default_factory=list)
 
 
 def _per_image_counts(visual: torch.Tensor, image_index: torch.Tensor) -> int:
