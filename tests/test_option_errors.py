@@ -57,6 +57,11 @@ RULES: dict[str, Callable[[Any, dict[str, Any]], bool | None]] = {
     "seed": lambda x, _: _int(x) and 0 <= x < 2**64,
     "contextual": lambda x, o: x is None or (_int(x) and 0 <= x <= o["keep"]),
     "merge": lambda x, _: isinstance(x, str) and x in ("mean", "release"),
+    "padding": lambda x, _: isinstance(x, str) and x in ("exclude", "compete"),
+    # bounds of keep="auto" only: with an int keep any value is refused
+    "mass": lambda x, o: x is None if o.get("keep") != "auto" else x is None or (_real(x) and 0 < x < 1),
+    "min_keep": lambda x, o: x is None if o.get("keep") != "auto" else x is None or (_int(x) and x >= 1),
+    "max_keep": lambda x, o: x is None if o.get("keep") != "auto" else None,
 }
 LAYER_MINIMUM = {"pdrop": 1, "sparsevlm": 0}
 

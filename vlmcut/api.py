@@ -95,6 +95,7 @@ class PruneHandle:
         self._unguard = _guard_copies(model)
         self._final: EncoderPassRecord | None = None  # the last record, kept after remove()
         self._final_llm: Any = None
+        self._counts: list[int] = []
 
     @property
     def active(self) -> bool:
@@ -134,12 +135,21 @@ class PruneHandle:
         """Patch tokens per image before pruning, in the last forward."""
         return self._record().num_patches
 
+    @property
+    def image_token_counts(self) -> list[int]:
+        """With ``keep="auto"``: the visual tokens every image kept (what reached the language model), one
+        entry per image in the order the model saw them, since :func:`prune`; empty for fixed budgets,
+        where every image keeps ``keep``."""
+        counts = self._counts if self._attachment is None else getattr(self._attachment, "image_counts", [])
+        return list(counts)
+
     def remove(self) -> None:
         """Take every hook and wrapper off; the model is exactly as before :func:`prune`. Idempotent."""
         if self._attachment is None:
             return
         self._final = self._attachment.record
         self._final_llm = self._attachment.llm_record
+        self._counts = list(getattr(self._attachment, "image_counts", []))
         try:
             self._attachment.remove()
         finally:
@@ -160,7 +170,7 @@ class PruneHandle:
 
 
 def prune(
-    model: nn.Module, method: str | MethodSpec = "flowcut", *, keep: int | float, **options: Any
+    model: nn.Module, method: str | MethodSpec = "flowcut", *, keep: int | float | str, **options: Any
 ) -> PruneHandle:
     """Prune visual tokens of ``model`` (this instance only) with ``method``, keeping ``keep`` per image.
 
@@ -172,7 +182,9 @@ def prune(
         keep: visual tokens per image that reach the consumer (LLaVA: placeholders per image; Video-LLaVA:
             patch tokens per video; Qwen2-VL: tokens after the 2x2 merger). ``keep`` >= the number of
             tokens is the exact identity. Families that give images their own counts (Qwen2-VL) also take
-            a float ratio in (0, 1].
+            a float ratio in (0, 1]. LLaVA-1.5 with ``"flowcut"`` also takes ``"auto"``: a count per image
+            from FlowCut's importance mass (options ``mass``, ``min_keep``, ``max_keep``), reported in
+            ``handle.image_token_counts``.
         **options: the method's settings (its config class, e.g. :class:`FlowCutConfig`), and the model
             family's own options (e.g. ``video_budget`` for video models, ``feature_layer`` for a bare
             vision tower; see the family's module in :mod:`vlmcut.models`).

@@ -170,16 +170,95 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_cell(text: str) -> tuple[str, int | str, dict[str, object]]:
+    """``"flowcut@64"``, ``"flowcut@64:padding=compete"``, ``"flowcut@auto:mass=0.9,max_keep=128"`` ->
+    ``(method, keep, options)`` (option values that read as numbers become numbers)."""
+    head, _, tail = text.partition(":")
+    method, at, keep_text = head.partition("@")
+    if not at or method not in available_methods():
+        raise argparse.ArgumentTypeError(
+            f"must be METHOD@KEEP[:option=value,...] with METHOD one of {', '.join(available_methods())}, "
+            f"got {text!r}"
+        )
+    keep: int | str
+    if keep_text == "auto":
+        keep = "auto"
+    else:
+        try:
+            keep = int(keep_text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"KEEP must be an integer >= 1 or 'auto', got {text!r}"
+            ) from None
+        if keep < 1:
+            raise argparse.ArgumentTypeError(f"KEEP must be an integer >= 1 or 'auto', got {text!r}")
+    options: dict[str, object] = {}
+    for item in filter(None, tail.split(",")):
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            raise argparse.ArgumentTypeError(f"options must be name=value, got {item!r} in {text!r}")
+        for cast in (int, float):
+            try:
+                options[name] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            options[name] = value
+    return method, keep, options
+
+
+def _write_sweep_reports(rows: list[dict], out: str, split: str) -> None:
+    """``sweep.md/json/png`` and ``frontier.md`` from stored cells; per-family tables where the questions
+    can be rebuilt and match the stored fingerprint."""
+    from ..eval.datasets import load_dataset
+    from ..eval.report import frontier_report
+    from ..eval.runner import EvalResult, write_reports
+    from ..eval.store import data_fingerprint
+
+    results = [EvalResult.from_row(r) for r in rows]
+    paths = write_reports(results, out, "sweep")
+    families = {}
+    for name in sorted({r["dataset"] for r in rows}):
+        first = next(r for r in rows if r["dataset"] == name)
+        try:
+            samples = list(load_dataset(name, split, n=first["n"]))
+        except (ValueError, ImportError, OSError):
+            continue
+        if data_fingerprint(samples) == first["fingerprint"]:
+            families[name] = [s.family for s in samples]
+    paths["frontier"] = Path(out) / "frontier.md"
+    frontier_report(results, families, paths["frontier"])
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from ..eval.datasets import load_dataset
-    from ..eval.runner import evaluate, sweep, write_reports
+    from ..eval.runner import evaluate, markdown_table, sweep, write_reports
+    from ..eval.store import ResultStore
     from ..inference import load_llava, model_config
 
+    check_out_dir(args.out)
+    if args.report:  # the reports of a (possibly unfinished) sweep, from its stored cells; no model
+        rows = [r for r in ResultStore.read_all(args.out) if not r.get("skipped")]
+        if not rows:
+            raise UsageError(
+                f"argument --report: no stored cells in {Path(args.out) / 'cells'}; run --sweep first"
+            )
+        _write_sweep_reports(rows, args.out, args.split)
+        return 0
     # Every argument is checked before the model is loaded (the slow part).
     if not args.sweep and (args.method is None or args.keep is None):
         missing = " and ".join(f for f, v in (("--method", args.method), ("--keep", args.keep)) if v is None)
         raise UsageError(f"give {missing} (one pruned run against the unpruned model), or --sweep")
-    check_out_dir(args.out)
+    if args.model and args.weights:
+        raise UsageError(
+            "argument --weights: it loads weights into the small zoo LLaVA; drop --model or --weights"
+        )
+    if args.weights and not Path(args.weights).is_file():
+        raise UsageError(
+            f"argument --weights: no file {args.weights}; give a .safetensors file written by vlmcut.zoo.train"
+        )
     if args.model:
         with blame("--model"):
             model_config(args.model, ("llava",))
@@ -190,16 +269,40 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         except (ValueError, ImportError, OSError) as err:
             flag = "--split" if "split" in str(err) and not isinstance(err, ImportError) else "--data"
             raise UsageError(f"argument {flag}: {_message(err)}") from err
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.model:
         with blame("--model"):
             model, processor = load_llava(args.model, dtype=args.dtype)
+        model_id = str(Path(args.model).resolve())
     else:
-        from ..demo import load_demo_model
+        from ..demo import TRAINED_PROJECTOR
+        from ..zoo import load_small_llava
+        from ..zoo.small_llava import sha256_file
 
-        model, processor, _ = load_demo_model()
+        weights = Path(args.weights) if args.weights else TRAINED_PROJECTOR
+        with blame("--weights"):
+            model, processor = load_small_llava(projector_path=weights if weights.is_file() else None)
+        model_id = f"zoo:{sha256_file(weights)[:16]}" if weights.is_file() else "zoo:random"
     if args.sweep:
-        results = sweep(model, processor, data, args.methods, args.keeps, batch_size=args.batch_size)
-        stem = "sweep"
+        results = sweep(
+            model,
+            processor,
+            data,
+            args.methods,
+            args.keeps,
+            batch_size=args.batch_size,
+            out=args.out,
+            model_id=model_id,
+            extra=args.extra,
+        )
+        print(markdown_table(results))
+        # The reports cover every stored cell of the directory (another process may sweep another set).
+        rows = [r for r in ResultStore.read_all(args.out) if not r.get("skipped")]
+        _write_sweep_reports(rows, args.out, args.split)
+        return 0
     else:
         results = []
         for name, samples in data.items():
@@ -211,8 +314,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 ),
             ]
         stem = f"eval-{args.method}-{args.keep}"
-    from ..eval.runner import markdown_table
-
     print(markdown_table(results))
     paths = write_reports(results, args.out, stem)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
@@ -272,14 +373,38 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n", type=positive_int, default=200, help="questions per dataset")
     ev.add_argument("--method", default=None, choices=available_methods())
     ev.add_argument("--keep", type=positive_int, default=None)
-    ev.add_argument("--sweep", action="store_true", help="methods x keeps table and plot")
+    ev.add_argument(
+        "--sweep",
+        action="store_true",
+        help="methods x keeps: table with paired 95%% intervals vs flowcut, plot; resumable (cells kept in "
+        "--out/cells, finished cells skipped on a rerun)",
+    )
+    ev.add_argument(
+        "--report",
+        action="store_true",
+        help="only rewrite the reports from the cells stored in --out (no model)",
+    )
+    ev.add_argument(
+        "--weights",
+        default=None,
+        help="projector + LoRA .safetensors for the small zoo LLaVA (default: shipped)",
+    )
+    ev.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     ev.add_argument(
         "--methods",
         nargs="+",
         default=["flowcut", "visionzip", "fastervlm", "sparsevlm", "pdrop", "fastv", "random", "grid"],
         choices=available_methods(),
     )
-    ev.add_argument("--keeps", nargs="+", type=positive_int, default=[128, 64, 32, 16])
+    ev.add_argument("--keeps", nargs="+", type=positive_int, default=[64, 32, 16])
+    ev.add_argument(
+        "--extra",
+        nargs="+",
+        type=parse_cell,
+        default=[],
+        metavar="METHOD@KEEP[:opt=val,...]",
+        help="more sweep cells, e.g. flowcut@64:padding=compete or flowcut@auto:mass=0.9",
+    )
     ev.add_argument("--batch-size", type=positive_int, default=8)
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ev.add_argument("--out", default="vlmcut-eval")

@@ -5,17 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from vlmcut.eval.easyvqa import load_easy_vqa
-from vlmcut.eval.scenes import VQADataset, load_scenes
+from vlmcut.eval.scenes import VQADataset, load_scenes, load_wide_scenes
 
 __all__ = ["DATASETS", "dataset_names", "load_dataset"]
 
 # name -> loader(split, n=None, seed=None, **options)
 DATASETS: dict[str, Callable[..., VQADataset]] = {
     "scenes": load_scenes,
+    "scenes-wide": load_wide_scenes,  # the same questions, images 3:2 (padded to square by the processor)
     "easy-vqa": load_easy_vqa,
 }
 # Spellings accepted for convenience, mapped to the canonical names above.
-_ALIASES: dict[str, str] = {"easy_vqa": "easy-vqa", "easyvqa": "easy-vqa"}
+_ALIASES: dict[str, str] = {"easy_vqa": "easy-vqa", "easyvqa": "easy-vqa", "scenes_wide": "scenes-wide"}
 
 
 def dataset_names() -> list[str]:

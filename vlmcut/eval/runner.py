@@ -21,6 +21,8 @@ import torch
 from ..api import available_methods, prune
 from ..inference import build_prompt, generate_answers
 from .scenes import normalize_answer
+from .stats import paired_bootstrap
+from .store import ResultStore, cell_key, data_fingerprint
 
 
 @dataclass
@@ -37,11 +39,28 @@ class EvalResult:
     retention: float | None = None
     agreement: float | None = None
     seconds: float = 0.0
+    correct: list[int] = field(default_factory=list, repr=False)  # per question, for paired intervals
+    mean_tokens: float | None = None  # visual tokens per image the language model saw (None: all)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cell(self) -> str:
+        return cell_key(self.method, self.keep, self.options)
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("answers")
+        d.pop("correct")
         return d
+
+    def row(self, fingerprint: str) -> dict[str, Any]:
+        """What a :class:`~vlmcut.eval.store.ResultStore` keeps of this run."""
+        return {"cell": self.cell, "fingerprint": fingerprint, **asdict(self)}
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> EvalResult:
+        names = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in row.items() if k in names})
 
 
 def _check_count(name: str, value: object, minimum: int = 1) -> int:
@@ -104,11 +123,16 @@ def predict(
     return answers
 
 
+def correct_answers(samples: Sequence[Any], answers: Sequence[str]) -> list[int]:
+    """1 where an answer matches the gold answer after normalisation, else 0 (per question, in order)."""
+    return [int(a == normalize_answer(s.answer, s.vocabulary)) for s, a in zip(samples, answers, strict=True)]
+
+
 def score_answers(samples: Sequence[Any], answers: Sequence[str]) -> tuple[float, dict[str, float]]:
     """Overall and per-family accuracy (exact match after normalisation)."""
     hits: dict[str, list[float]] = defaultdict(list)
-    for s, a in zip(samples, answers, strict=True):
-        hits[s.family].append(float(a == normalize_answer(s.answer, s.vocabulary)))
+    for s, c in zip(samples, correct_answers(samples, answers), strict=True):
+        hits[s.family].append(float(c))
     per_family = {f: sum(v) / len(v) for f, v in sorted(hits.items())}
     overall = sum(sum(v) for v in hits.values()) / max(1, len(samples))
     return overall, per_family
@@ -126,13 +150,17 @@ def evaluate(
     samples: Sequence[Any],
     dataset: str,
     method: str | None = None,
-    keep: int | None = None,
+    keep: int | str | None = None,
     reference: EvalResult | None = None,
     batch_size: int = 8,
     progress: bool = True,
     **options: Any,
 ) -> EvalResult:
-    """Evaluate ``model`` on ``samples``: unpruned when ``method`` is None, else pruned for the run only."""
+    """Evaluate ``model`` on ``samples``: unpruned when ``method`` is None, else pruned for the run only.
+
+    ``mean_tokens`` is the mean number of visual tokens per image the language model saw: ``keep`` for a
+    fixed budget, the mean of the per-image counts for ``keep="auto"``.
+    """
     if (method is None) != (keep is None):
         raise ValueError("give both method and keep for a pruned run, or neither for the unpruned one")
     _check_samples(samples, dataset)
@@ -143,23 +171,47 @@ def evaluate(
             f"the reference on the same samples"
         )
     t0 = time.perf_counter()
-    label = "unpruned" if method is None else f"{method}@{keep}"
+    label = "unpruned" if method is None else cell_key(method, keep, options)
+    mean_tokens: float | None = None
     if method is None:
         answers = predict(model, processor, samples, batch_size, progress=progress, desc=f"{dataset} {label}")
     else:
-        with prune(model, method, keep=keep, **options):
+        with prune(model, method, keep=keep, **options) as handle:
             answers = predict(
                 model, processor, samples, batch_size, progress=progress, desc=f"{dataset} {label}"
             )
+            counts = getattr(handle, "image_token_counts", None)
+            if counts:
+                mean_tokens = sum(counts) / len(counts)
+            elif isinstance(keep, int):
+                mean_tokens = float(keep)
     acc, fam = score_answers(samples, answers)
-    result = EvalResult(dataset, method or "unpruned", keep, len(samples), acc, fam, answers)
+    result = EvalResult(
+        dataset,
+        method or "unpruned",
+        keep,
+        len(samples),
+        acc,
+        fam,
+        answers,
+        correct=correct_answers(samples, answers),
+        mean_tokens=mean_tokens,
+        options=dict(options),
+    )
     result.seconds = time.perf_counter() - t0
     if reference is not None:
-        result.retention = retention(fam, reference.per_family)
-        result.agreement = sum(a == b for a, b in zip(answers, reference.answers, strict=True)) / max(
-            1, len(answers)
-        )
+        _compare(result, reference)
     return result
+
+
+def _compare(result: EvalResult, reference: EvalResult) -> None:
+    result.retention = retention(result.per_family, reference.per_family)
+    result.agreement = sum(a == b for a, b in zip(result.answers, reference.answers, strict=True)) / max(
+        1, len(result.answers)
+    )
+
+
+Cell = tuple[str, "int | str", dict[str, Any]]  # (method, keep, options)
 
 
 def sweep(
@@ -170,8 +222,16 @@ def sweep(
     keeps: Sequence[int] = (128, 64, 32, 16),
     batch_size: int = 8,
     progress: bool = True,
+    out: str | Path | None = None,
+    model_id: str = "model",
+    extra: Sequence[Cell] = (),
 ) -> list[EvalResult]:
-    """Unpruned once per dataset, then every method x keep against it."""
+    """Unpruned once per dataset, then every method x keep (method-major) and the ``extra`` cells against it.
+
+    With ``out`` the sweep is resumable: each finished cell is appended to ``<out>/cells/<dataset>.jsonl``
+    and cells already there (same questions, same ``model_id``) are read back instead of rerun. A budget
+    a method cannot reach is recorded as skipped, with the reason, and not retried.
+    """
     if not datasets:
         raise ValueError("datasets is empty; give at least one {name: samples}")
     if isinstance(methods, str) or not methods:
@@ -186,47 +246,119 @@ def sweep(
     _check_count("batch_size", batch_size)
     for name, samples in datasets.items():
         _check_samples(samples, name)
+    cells: list[Cell] = [(m, k, {}) for m in methods for k in keeps] + [(m, k, dict(o)) for m, k, o in extra]
+    store = None if out is None else ResultStore(out, model_id)
     results: list[EvalResult] = []
     for name, samples in datasets.items():
-        ref = evaluate(model, processor, samples, name, batch_size=batch_size, progress=progress)
+        fingerprint = data_fingerprint(samples)
+        done = {} if store is None else store.load(name, fingerprint)
+        if done:
+            print(
+                f"{name}: {len(done)} cell(s) already in {store.path(name)}; running the rest",
+                file=sys.stderr,
+            )
+
+        cell = _CellRunner(model, processor, samples, name, batch_size, progress, store, fingerprint, done)
+        ref = cell.run(None, None, {}, None)
+        assert ref is not None
         ref.retention, ref.agreement = 1.0, 1.0
         results.append(ref)
-        for keep in keeps:
-            for m in methods:
-                try:
-                    result = evaluate(
-                        model,
-                        processor,
-                        samples,
-                        name,
-                        m,
-                        keep,
-                        ref,
-                        batch_size=batch_size,
-                        progress=progress,
-                    )
-                except ValueError as err:  # a budget the method cannot reach (e.g. PDrop's first stage)
-                    print(f"skipped {name} {m}@{keep}: {err}")
-                    continue
+        for method, keep, options in cells:
+            result = cell.run(method, keep, options, ref)
+            if result is not None:
                 results.append(result)
     return results
 
 
-def pivot_table(results: Sequence[EvalResult]) -> str:
-    """The paper's Table 1 layout: per dataset, one row per method, one column per kept-token budget;
-    cells are ``accuracy (retention)``; ``n/a`` where a method cannot reach the budget."""
+@dataclass
+class _CellRunner:
+    """Runs (or reads back) the cells of one dataset of a sweep, storing each as it finishes."""
+
+    model: Any
+    processor: Any
+    samples: Sequence[Any]
+    dataset: str
+    batch_size: int
+    progress: bool
+    store: ResultStore | None
+    fingerprint: str
+    done: dict[str, dict[str, Any]]
+
+    def run(
+        self, method: str | None, keep: Any, options: dict[str, Any], ref: EvalResult | None
+    ) -> EvalResult | None:
+        key = "unpruned" if method is None else cell_key(method, keep, options)
+        if key in self.done:
+            row = self.done[key]
+            if row.get("skipped"):
+                print(f"skipped {self.dataset} {key}: {row['skipped']}")
+                return None
+            return EvalResult.from_row(row)
+        try:
+            result = evaluate(
+                self.model,
+                self.processor,
+                self.samples,
+                self.dataset,
+                method,
+                keep,
+                ref,
+                self.batch_size,
+                self.progress,
+                **options,
+            )
+        except ValueError as err:  # a budget the method cannot reach (e.g. PDrop's first stage)
+            print(f"skipped {self.dataset} {key}: {err}")
+            if self.store is not None:
+                self.store.append(
+                    self.dataset, {"cell": key, "fingerprint": self.fingerprint, "skipped": str(err)}
+                )
+            return None
+        if self.store is not None:
+            self.store.append(self.dataset, result.row(self.fingerprint))
+        return result
+
+
+def interval_vs(results: Sequence[EvalResult], result: EvalResult, baseline: str = "flowcut") -> Any:
+    """Paired bootstrap interval of ``result``'s accuracy minus ``baseline``'s at the same budget."""
+    base = next(
+        (
+            r
+            for r in results
+            if r.dataset == result.dataset
+            and r.method == baseline
+            and r.keep == result.keep
+            and not r.options
+        ),
+        None,
+    )
+    if base is None or base is result or not base.correct or len(base.correct) != len(result.correct):
+        return None
+    return paired_bootstrap(result.correct, base.correct)
+
+
+def pivot_table(results: Sequence[EvalResult], baseline: str = "flowcut") -> str:
+    """The paper's Table 1 layout: per dataset, one row per method, one column per kept-token budget.
+
+    Cells are ``accuracy (retention)``, then, for every method but ``baseline``, its accuracy difference
+    to ``baseline`` on the same questions in points with a paired bootstrap 95 % interval; ``n/a`` where a
+    method cannot reach the budget. Runs with extra options (e.g. ``keep="auto"``) are left to
+    :func:`markdown_table`.
+    """
     blocks = []
     for name in sorted({r.dataset for r in results}):
-        rows = [r for r in results if r.dataset == name]
+        rows = [r for r in results if r.dataset == name and not r.options and isinstance(r.keep, int | None)]
         ref = next((r for r in rows if r.method == "unpruned"), None)
         keeps = sorted({r.keep for r in rows if r.keep is not None}, reverse=True)
         methods = list(dict.fromkeys(r.method for r in rows if r.method != "unpruned"))
         n = rows[0].n
         head = ["method", *(f"{k} tokens" for k in keeps)]
-        lines = [
-            f"**{name}** (n={n}; unpruned accuracy {100 * ref.accuracy:.1f}%)" if ref else f"**{name}**",
-            "",
-        ]
+        title = f"**{name}** (n={n}; unpruned accuracy {100 * ref.accuracy:.1f}%)" if ref else f"**{name}**"
+        if any(m == baseline for m in methods) and len(methods) > 1:
+            title += (
+                f"; cells: accuracy (retention), difference to {baseline} in points [paired bootstrap 95% CI]"
+            )
+        lines = [title, ""]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for m in methods:
             cells = []
@@ -234,11 +366,17 @@ def pivot_table(results: Sequence[EvalResult]) -> str:
                 r = next((x for x in rows if x.method == m and x.keep == k), None)
                 if r is None:
                     cells.append("n/a")
-                elif r.retention is None:
-                    cells.append(f"{100 * r.accuracy:.1f}")
-                else:
-                    cells.append(f"{100 * r.accuracy:.1f} ({100 * r.retention:.0f}%)")
+                    continue
+                cell = f"{100 * r.accuracy:.1f}"
+                if r.retention is not None:
+                    cell += f" ({100 * r.retention:.0f}%)"
+                ci = interval_vs(rows, r, baseline) if m != baseline else None
+                if ci is not None:
+                    cell += f" {ci.text()}" + ("*" if ci.excludes_zero else "")
+                cells.append(cell)
             lines.append("| " + " | ".join([m, *cells]) + " |")
+        if any("]*" in line for line in lines):
+            lines += ["", "\\* the interval excludes zero."]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
@@ -253,8 +391,11 @@ def markdown_table(results: Sequence[EvalResult]) -> str:
         ret = "-" if r.retention is None else f"{100 * r.retention:.1f}%"
         agr = "-" if r.agreement is None else f"{100 * r.agreement:.1f}%"
         tokens = "all" if r.keep is None else str(r.keep)
+        if r.mean_tokens is not None and r.mean_tokens != r.keep:
+            tokens += f" (mean {r.mean_tokens:.1f})"
+        method = r.method + (cell_key("", "", r.options)[2:] if r.options else "")
         lines.append(
-            "| " + " | ".join([r.dataset, r.method, tokens, *fam, f"{100 * r.accuracy:.1f}", ret, agr]) + " |"
+            "| " + " | ".join([r.dataset, method, tokens, *fam, f"{100 * r.accuracy:.1f}", ret, agr]) + " |"
         )
     return "\n".join(lines)
 
@@ -289,13 +430,28 @@ def plot_sweep(results: Sequence[EvalResult], path: str | Path) -> Path:
         ax = fig.add_subplot(1, len(datasets), i + 1)
         rows = [r for r in results if r.dataset == name]
         ref = next((r for r in rows if r.method == "unpruned"), None)
-        for m in sorted({r.method for r in rows if r.method != "unpruned"}):
-            pts = sorted((r.keep, r.accuracy) for r in rows if r.method == m)
+        for m in sorted({r.method for r in rows if r.method != "unpruned" and not r.options}):
+            pts = sorted(
+                (r.mean_tokens or r.keep, r.accuracy) for r in rows if r.method == m and not r.options
+            )
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=m)
+        for label in sorted({cell_key(r.method, "", r.options) for r in rows if r.options}):
+            pts = sorted(
+                (r.mean_tokens, r.accuracy)
+                for r in rows
+                if r.options and cell_key(r.method, "", r.options) == label and r.mean_tokens
+            )
+            ax.plot(
+                [p[0] for p in pts],
+                [100 * p[1] for p in pts],
+                marker="s",
+                linestyle=":",
+                label=label[:-1] if label.endswith("@") else label,
+            )
         if ref is not None:
             ax.axhline(100 * ref.accuracy, color="gray", linestyle="--", label="unpruned")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("visual tokens kept")
+        ax.set_xlabel("visual tokens per image (mean)")
         ax.set_ylabel("accuracy (%)")
         ax.set_title(name)
         ax.legend(fontsize=8)

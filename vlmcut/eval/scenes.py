@@ -433,6 +433,25 @@ def render_scene(scene: Scene) -> Image.Image:
     return big.resize((size, size), Image.Resampling.BOX)
 
 
+def widen(scene: Scene, image: Image.Image, aspect: float) -> Image.Image:
+    """The rendered scene in a wider canvas (``aspect`` = width / height > 1), centred, the new sides filled
+    with the scene's own background and texture: a non-square photo, which a pad-to-square processor
+    pads back with flat mean-colour bands above and below. Questions stay true (nothing moves relative
+    to anything else)."""
+    size = scene.image_size
+    width = int(round(aspect * size))
+    base = np.empty((size, width, 3), dtype=np.int16)
+    base[...] = scene.background
+    if scene.texture == "noise":
+        noise = np.random.default_rng(scene.texture_seed + 1).integers(
+            -NOISE_AMPLITUDE, NOISE_AMPLITUDE + 1, size=(size, width, 1), dtype=np.int16
+        )
+        base += noise
+    canvas = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
+    canvas.paste(image, ((width - size) // 2, 0))
+    return canvas
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Questions
 # ----------------------------------------------------------------------------------------------------------
@@ -705,13 +724,20 @@ class VQADataset:
 
 
 def make_split(
-    split: str, n_scenes: int | None = None, seed: int | None = None, image_size: int = DEFAULT_IMAGE_SIZE
+    split: str,
+    n_scenes: int | None = None,
+    seed: int | None = None,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    aspect: float = 1.0,
 ) -> VQADataset:
     """Generate the questions of ``n_scenes`` scenes of a split (default :data:`DEFAULT_N_SCENES`).
 
     ``seed`` overrides the split's fixed seed (:data:`SPLIT_SEEDS`). The ``test`` split is for reporting
-    results only; tune on ``validation``.
+    results only; tune on ``validation``. ``aspect`` > 1 renders every scene in a wider canvas
+    (:func:`widen`; the data set is then named ``scenes-wide``), the same questions.
     """
+    if isinstance(aspect, bool) or not isinstance(aspect, int | float) or not 1.0 <= aspect <= 4.0:
+        raise ValueError(f"aspect must be a number in [1, 4] (width / height), got {aspect!r}")
     if split not in SPLIT_SEEDS:
         raise ValueError(f"unknown split {split!r}; known splits: {sorted(SPLIT_SEEDS)}")
     seed = SPLIT_SEEDS[split] if seed is None else int(seed)
@@ -724,20 +750,44 @@ def make_split(
         scene = generate_scene(seed, index, image_size, split)
         scenes[scene.scene_id] = scene
         records.extend(scene_questions(scene, split))
+    if aspect == 1.0:
+        return VQADataset(
+            "scenes", split, records, lambda scene_id: render_scene(scenes[scene_id]), SCENES_VOCABULARY
+        )
     return VQADataset(
-        "scenes", split, records, lambda scene_id: render_scene(scenes[scene_id]), SCENES_VOCABULARY
+        "scenes-wide",
+        split,
+        records,
+        lambda scene_id: widen(scenes[scene_id], render_scene(scenes[scene_id]), aspect),
+        SCENES_VOCABULARY,
     )
 
 
+# The non-square variant: 3:2, the shape of most photos (and of scikit-image's chelsea, 451 x 300).
+WIDE_ASPECT = 1.5
+
+
 def load_scenes(
-    split: str, n: int | None = None, seed: int | None = None, image_size: int = DEFAULT_IMAGE_SIZE
+    split: str,
+    n: int | None = None,
+    seed: int | None = None,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    aspect: float = 1.0,
 ) -> VQADataset:
     """The first ``n`` samples of a scenes split (all default scenes when ``n`` is None)."""
     if n is None:
-        return make_split(split, seed=seed, image_size=image_size)
+        return make_split(split, seed=seed, image_size=image_size, aspect=aspect)
     # Every scene has at least EXISTENCE_PER_SCENE questions, so this many scenes always suffices.
-    dataset = make_split(split, n_scenes=math.ceil(n / EXISTENCE_PER_SCENE), seed=seed, image_size=image_size)
+    n_scenes = math.ceil(n / EXISTENCE_PER_SCENE)
+    dataset = make_split(split, n_scenes=n_scenes, seed=seed, image_size=image_size, aspect=aspect)
     return dataset[:n]  # type: ignore[return-value]
+
+
+def load_wide_scenes(
+    split: str, n: int | None = None, seed: int | None = None, image_size: int = DEFAULT_IMAGE_SIZE
+) -> VQADataset:
+    """The scenes of a split rendered at 3:2 (:data:`WIDE_ASPECT`): same questions, non-square images."""
+    return load_scenes(split, n, seed, image_size, aspect=WIDE_ASPECT)
 
 
 # ----------------------------------------------------------------------------------------------------------

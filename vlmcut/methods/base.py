@@ -203,6 +203,17 @@ class MethodSpec:
         if unknown:
             valid = sorted(names - {"keep"})
             raise TypeError(f"unknown option(s) {unknown} for method {self.name!r}; valid options: {valid}")
+        if isinstance(keep, str) and keep == "auto" and "mass" not in names:
+            auto = [
+                m.name
+                for m in METHODS.values()
+                if "mass" in {f.name for f in dataclasses.fields(m.config_cls)}
+            ]
+            raise ValueError(
+                f"keep='auto' (a budget per image from FlowCut's importance mass) is an option of "
+                f"{', '.join(repr(m) for m in auto)} only; pass an int count of visual tokens per image for "
+                f"{self.name!r}"
+            )
         return self.config_cls(keep=keep, **options)
 
 

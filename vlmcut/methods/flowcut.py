@@ -31,11 +31,16 @@ from .base import MethodSpec, check_choice, check_int, check_keep, check_ratio, 
 from .llm_base import LLMContext, top_per_image
 
 SemanticScaling = Literal["code", "paper"]
+Padding = Literal["exclude", "compete"]
 
 # Table 10 / Eq. 6: the released default weighs history and current score equally.
 DEFAULT_HISTORY_WEIGHT = 0.5
 # Sec. 3.3 / Table 11: prune every second layer.
 DEFAULT_PRUNE_INTERVAL = 2
+# keep="auto": the default share of an image's final cumulative importance its kept tokens must hold, and
+# the default floor of its count.
+DEFAULT_AUTO_MASS = 0.5
+DEFAULT_AUTO_MIN_KEEP = 8
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,16 @@ class FlowCutConfig:
 
     Args:
         keep: number of visual (patch) tokens the language model receives per image (``K``); on
-            Qwen2-VL / Qwen2.5-VL also a float ratio in (0, 1] of each image's merged tokens.
+            Qwen2-VL / Qwen2.5-VL also a float ratio in (0, 1] of each image's merged tokens; on LLaVA-1.5
+            also ``"auto"``: each image keeps the fewest tokens whose share of its final cumulative score
+            reaches ``mass`` (between ``min_keep`` and ``max_keep``), so busy images keep more than plain
+            ones; the handle's ``image_token_counts`` lists what every image kept.
+        mass: ``keep="auto"`` only: the share in (0, 1) of the image's cumulative importance (over its
+            non-padding patches, after the last pruning layer's update) the kept tokens must hold
+            (default 0.5).
+        min_keep / max_keep: ``keep="auto"`` only: bounds of every image's count (default 8 and all
+            patches). Below ``max_keep`` the in-tower schedule prunes towards ``max_keep``, so a smaller
+            ``max_keep`` also saves tower compute.
         semantic_scaling: ``"code"`` (default, the authors' release: ``softmax(v_g . v_j)``) or ``"paper"``
             (Eq. 4: ``softmax(v_g . v_j / sqrt(d))``).
         history_weight: weight of the accumulated score in ``C = w_h * C + (1 - w_h) * S`` (Eq. 6,
@@ -52,15 +66,45 @@ class FlowCutConfig:
         prune_interval: prune when the number of remaining layers before the consumed one is a multiple
             of this (default 2, Table 11). A value larger than the encoder depth prunes only once, at
             the last possible layer.
+        padding: ``"exclude"`` (default) or ``"compete"``. Patches that are flat processor padding (the mean
+            colour a pad-to-square processor adds around a non-square image; see
+            ``vlmcut.models.vit.padding_patches``) rank below every image patch at every pruning step, so
+            they are dropped first and kept only when ``keep`` exceeds the image's real patches. Without
+            this (``"compete"``, the release) the unscaled semantic relevance gives the near-identical
+            padding values most of its mass: on a 3:2 photo padded to square, 27 of 64 kept tokens were
+            padding. Images without padding get exactly the release's selection either way.
     """
 
     keep: int | float
     semantic_scaling: SemanticScaling = "code"
     history_weight: float = DEFAULT_HISTORY_WEIGHT
     prune_interval: int = DEFAULT_PRUNE_INTERVAL
+    padding: Padding = "exclude"
+    mass: float | None = None
+    min_keep: int | None = None
+    max_keep: int | None = None
 
     def __post_init__(self) -> None:
-        check_keep(self.keep)
+        if self.keep == "auto":
+            mass = DEFAULT_AUTO_MASS if self.mass is None else self.mass
+            check_ratio("mass", mass, 0.0, 1.0)
+            object.__setattr__(self, "mass", float(mass))
+            low = DEFAULT_AUTO_MIN_KEEP if self.min_keep is None else self.min_keep
+            object.__setattr__(self, "min_keep", check_int("min_keep", low, 1))
+            if self.max_keep is not None:
+                check_int("max_keep", self.max_keep, 1)
+                if self.max_keep < low:
+                    raise ValueError(
+                        f"max_keep={self.max_keep} is below min_keep={low}; give max_keep >= min_keep"
+                    )
+        else:
+            check_keep(self.keep)
+            extra = [n for n in ("mass", "min_keep", "max_keep") if getattr(self, n) is not None]
+            if extra:
+                raise ValueError(
+                    f"{', '.join(extra)} bound keep='auto' (a budget per image) only; with keep={self.keep!r} "
+                    f"every image keeps exactly that many tokens, so drop {extra[0]} or pass keep='auto'"
+                )
         check_choice(
             "semantic_scaling",
             self.semantic_scaling,
@@ -70,10 +114,35 @@ class FlowCutConfig:
         # Table 10: the current score gets 1 - history_weight
         check_ratio("history_weight", self.history_weight, 0.0, 1.0, low_open=False, high_open=True)
         check_int("prune_interval", self.prune_interval, 1)
+        check_choice(
+            "padding",
+            self.padding,
+            ("exclude", "compete"),
+            "'exclude': processor padding never competes for the budget; 'compete': the release",
+        )
 
     @property
     def current_weight(self) -> float:
         return 1.0 - self.history_weight
+
+    @property
+    def auto(self) -> bool:
+        return self.keep == "auto"
+
+
+def mass_count(scores: torch.Tensor, mass: float, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B,)``: per row, the fewest of the highest ``scores`` (B, N) whose sum reaches ``mass`` of the row's
+    total (positions in ``exclude`` count for neither). Scores are FlowCut's, non-negative; a row with no
+    finite positive mass gets N."""
+    s = torch.nan_to_num(scores.double(), nan=0.0, posinf=0.0, neginf=0.0).clamp(min=0.0)
+    if exclude is not None:
+        s = s.masked_fill(exclude.to(s.device), 0.0)
+    ranked = s.sort(dim=-1, descending=True).values
+    cum = ranked.cumsum(dim=-1)
+    total = cum[:, -1:]
+    reached = cum >= mass * total
+    count = reached.long().argmax(dim=-1) + 1
+    return torch.where(total[:, 0] > 0, count, torch.full_like(count, scores.shape[-1]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,15 +303,47 @@ class FlowCutSelector:
         self.keep = config.keep if keep is None else keep
         self.consume_layer = 0
         self.cumulative: torch.Tensor | None = None
+        self.padding: torch.Tensor | None = None  # (B, N) bool over the current patch tokens
 
     def start(self, consume_layer: int) -> None:
         """``consume_layer``: ``F >= 1``, the encoder layer whose output the model consumes (0-based); the
         model adapter validates it when it attaches."""
         self.consume_layer = consume_layer
         self.cumulative = None
+        self.padding = None
+
+    def set_padding(self, mask: torch.Tensor | None) -> None:
+        """``(B, N)`` bool, True at patches that are processor padding, for the pass that just started
+        (the model adapter calls this after :meth:`start`); ignored with ``padding="compete"``."""
+        self.padding = (
+            mask if self.config.padding == "exclude" and mask is not None and bool(mask.any()) else None
+        )
+
+    def _auto_count(self, n: int) -> int:
+        """``keep="auto"``: this image's count at the last pruning step (``self.keep`` is ``max_keep``)."""
+        assert self.cumulative is not None
+        if self.cumulative.shape[0] != 1:
+            raise ValueError(
+                "keep='auto' gives every image its own count; score one image per step (the model adapters run "
+                "the tower one image at a time)"
+            )
+        count = int(mass_count(self.cumulative, float(self.config.mass), self.padding)[0])
+        return max(min(self.config.min_keep, n), min(count, self.keep, n))
+
+    def _rank(self, cumulative: torch.Tensor) -> torch.Tensor:
+        """The selection key: the cumulative score, with padding below every other patch (order kept)."""
+        pad = self.padding
+        if pad is None or pad.shape != cumulative.shape:
+            return cumulative
+        finite = torch.where(torch.isfinite(cumulative), cumulative, torch.zeros_like(cumulative))
+        span = finite.abs().amax(dim=-1, keepdim=True) * 2 + 1
+        return torch.where(pad.to(cumulative.device), cumulative - span, cumulative)
 
     def needs_scores(self, num_patches: int) -> bool:
-        """Scores are computed at every layer while the sequence is longer than the target (SPEC)."""
+        """Scores are computed at every layer while the sequence is longer than the target (SPEC); with
+        ``keep="auto"`` while it is longer than ``min_keep``."""
+        if self.config.auto:
+            return num_patches > min(self.config.min_keep, self.keep)
         return num_patches > self.keep
 
     def step(
@@ -277,7 +378,8 @@ class FlowCutSelector:
                 return None
             n = scores.shape[-1]
             if remaining > 0:
-                counts = (n - prune_count(a, remaining, self.keep)).clamp(min=self.keep)  # (B,)
+                floor = min(self.keep, n)  # keep="auto" without max_keep: no floor below the patch count
+                counts = (n - prune_count(a, remaining, floor)).clamp(min=floor)  # (B,)
                 n_keep = int(counts[0])
                 if bool((counts != n_keep).any()):
                     raise ValueError(
@@ -285,13 +387,17 @@ class FlowCutSelector:
                         f"({counts.tolist()}); FlowCut's counts are per image, so score one image per "
                         f"step (the model adapters run the tower one image at a time)"
                     )
+            elif self.config.auto:
+                n_keep = self._auto_count(n)
             else:
                 n_keep = self.keep
             # a NaN score (a NaN image) must not win the top-k: it ranks last
-            cumulative = torch.nan_to_num(self.cumulative, nan=-math.inf)
+            cumulative = torch.nan_to_num(self._rank(self.cumulative), nan=-math.inf)
             idx = torch.topk(cumulative, n_keep, dim=-1).indices
             idx = idx.sort(dim=-1).values  # raster order survives (SPEC: re-sort ascending)
             self.cumulative = torch.gather(self.cumulative, 1, idx)
+            if self.padding is not None:
+                self.padding = torch.gather(self.padding.to(idx.device), 1, idx)
         return idx
 
 

@@ -17,6 +17,7 @@ features go into them in order (``masked_scatter``), exactly as upstream.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ from torch import nn
 
 from ..methods.base import LLMSelector, MethodSpec, VisionSelector
 from .base import VLMAttachment
+from .instance import replace_method
 from .prompt import (
     check_feature_options,
     compact_prompt,
@@ -89,6 +91,7 @@ class LlavaAttachment(VLMAttachment):
         make_selector: Callable[[int], VisionSelector | None],
         keep: int,
         make_llm_selector: Callable[[int], LLMSelector | None] | None = None,
+        auto: bool = False,
     ) -> None:
         super().__init__(model, llava_parts(model))
         cfg = self.config
@@ -117,6 +120,11 @@ class LlavaAttachment(VLMAttachment):
         self.strategy = strategy
         self._gen_kept: int | None = None  # kept placeholders per image, while generate() runs
         self._last_layout: tuple[dict[str, torch.Tensor], int] | None = None
+        # keep="auto": every image keeps its own count (``keep`` is then the upper bound); the images are
+        # encoded before the prompt is cut, and that encoding is handed to the model's own call.
+        self.auto = auto
+        self.image_counts: list[int] = []  # auto: visual tokens each image kept, in order
+        self._encoded: tuple[tuple, Any] | None = None  # (pixel key, image features) awaiting the model
         try:
             consume = consumed_layer(cfg.vision_feature_layer, spec.num_layers)
             selector = make_selector(keep_patches)
@@ -124,10 +132,56 @@ class LlavaAttachment(VLMAttachment):
             if self.encoder is None:
                 self.keep_patches = None  # the prompt keeps every placeholder; the LLM stage prunes
             self.own_decoder(make_llm_selector(keep) if make_llm_selector is not None else None)
+            if auto:
+                if self.encoder is None or self.decoder is not None:
+                    raise ValueError(
+                        "keep='auto' needs a method that prunes in the vision tower only (flowcut)"
+                    )
+                self.own(_Restore(replace_method(self.inner, "get_image_features", self._image_features())))
         except BaseException:
             self.remove()
             raise
         self.install()
+
+    # -- keep="auto" ------------------------------------------------------------------------------------
+    def _image_features(self) -> Callable[..., Any]:
+        """``get_image_features`` for this instance under ``keep="auto"``: the tower pads its per-image
+        outputs to the longest, so every image's features are cut to the count it kept; the call the
+        prompt surgery made is reused by the model's own call on the same pixels."""
+        original = self.inner.get_image_features
+
+        def get_image_features(*args: Any, **kwargs: Any) -> Any:
+            pixels = args[0] if args else kwargs.get("pixel_values")
+            key = _tensor_key(pixels)
+            if self._encoded is not None and self._encoded[0] == key:
+                out, self._encoded = self._encoded[1], None
+                return out
+            out = original(*args, **kwargs)
+            kept = self.encoder.record.kept_indices if self.encoder is not None else None
+            feats = out.pooler_output if hasattr(out, "pooler_output") else None
+            if kept is None or feats is None:
+                return out
+            extra = self.layout.has_cls - self.layout.has_cls_dropped
+            counts = ((kept >= 0).sum(dim=1) + extra).tolist()
+            out.pooler_output = [f[:c] for f, c in zip(feats, counts, strict=True)]
+            return out
+
+        # generate() picks the arguments it encodes images with from this signature
+        get_image_features.__signature__ = inspect.signature(original)  # type: ignore[attr-defined]
+        return get_image_features
+
+    def _auto_counts(self, pixel_values: torch.Tensor) -> list[int]:
+        """Encode the images now (the count of each is known only after its tower pass); the features wait
+        for the model's own ``get_image_features`` call on the same pixels."""
+        out = self.inner.get_image_features(
+            pixel_values=pixel_values,
+            vision_feature_layer=self.feature_layer,
+            vision_feature_select_strategy=self.strategy,
+        )
+        self._encoded = (_tensor_key(pixel_values), out)
+        counts = [int(f.shape[0]) for f in out.pooler_output]
+        self.image_counts += counts
+        return counts
 
     # -- layout ---------------------------------------------------------------------------------------
     def placeholders(self, pixel_values: torch.Tensor) -> tuple[int, int]:
@@ -158,10 +212,12 @@ class LlavaAttachment(VLMAttachment):
         ids = self.prompt_ids(inputs)
         check_feature_options(inputs, self.feature_layer, self.strategy)
         per_image, kept = self.placeholders(pixel_values)
-        if kept >= per_image:
-            return None
         n_images = pixel_values.shape[0]
         total = int((ids == self.image_token_id).sum())
+        if self.auto:
+            return self._compact_auto(inputs, ids, pixel_values, per_image, total)
+        if kept >= per_image:
+            return None
         if total == n_images * kept and self.generating:
             return None  # already compact: a forward of our own generate (its prompt was cut once)
         if total != n_images * per_image:
@@ -170,6 +226,28 @@ class LlavaAttachment(VLMAttachment):
                 f"{per_image} per image. {unchanged_hint()}"
             )
         drop = placeholder_drop_mask(ids, self.image_token_id, per_image, kept)
+        return compact_prompt(inputs, drop, self.pad_token_id)
+
+    def _compact_auto(
+        self,
+        inputs: dict[str, Any],
+        ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        per_image: int,
+        total: int,
+    ) -> tuple[dict[str, Any], int] | None:
+        n_images = pixel_values.shape[0]
+        if self.generating and total < n_images * per_image:
+            return None  # already compact: a forward of our own generate (its prompt was cut once)
+        if total != n_images * per_image:
+            raise ValueError(
+                f"input_ids hold {total} image placeholders for {n_images} image(s); expected "
+                f"{per_image} per image. {unchanged_hint()}"
+            )
+        counts = torch.tensor(self._auto_counts(pixel_values), device=ids.device)
+        if bool((counts >= per_image).all()):
+            return None
+        drop = placeholder_drop_mask(ids, self.image_token_id, per_image, counts)
         return compact_prompt(inputs, drop, self.pad_token_id)
 
     # -- the language-model stage ---------------------------------------------------------------------------
@@ -224,12 +302,35 @@ class LlavaAttachment(VLMAttachment):
         return EncoderPassRecord(kept_indices=torch.stack(rows), num_patches=per_image)
 
 
+class _Restore:
+    """Something :meth:`VLMAttachment.own` can ``remove()``: runs an undo function once."""
+
+    def __init__(self, undo: Callable[[], None]) -> None:
+        self._undo: Callable[[], None] | None = undo
+
+    def remove(self) -> None:
+        if self._undo is not None:
+            self._undo, undo = None, self._undo
+            undo()
+
+
+_UNBOUNDED = 1 << 30  # keep="auto" without max_keep: no image is capped below its patch count
+
+
+def _tensor_key(x: Any) -> tuple:
+    """Identifies one pixel tensor, unchanged (same storage, same in-place version)."""
+    if not isinstance(x, torch.Tensor):
+        return (id(x),)
+    return (id(x), x.data_ptr(), x._version, tuple(x.shape), x.dtype, x.device)
+
+
 class LlavaAdapter(ModelAdapter):
     """LLaVA-1.5 and every ``LlavaForConditionalGeneration`` (CLIP or SigLIP tower): all methods."""
 
     name = "llava"
     title = "LLaVA-1.5"
     classes = ("LlavaForConditionalGeneration", "LlavaModel")
+    auto_keep = True
 
     def attach(
         self, model: nn.Module, spec: MethodSpec, config: Any, options: dict[str, Any]
@@ -240,6 +341,9 @@ class LlavaAdapter(ModelAdapter):
         make_llm = (
             (lambda k: spec.make_llm_selector(config, k)) if spec.make_llm_selector is not None else None
         )
+        if config.keep == "auto":  # the bound: max_keep, or every patch (the selector caps it per image)
+            bound = _UNBOUNDED if config.max_keep is None else config.max_keep
+            return LlavaAttachment(model, make_encoder, bound, None, auto=True)
         return LlavaAttachment(model, make_encoder, config.keep, make_llm)
 
     def parts(self, model: nn.Module) -> ModelParts | None:

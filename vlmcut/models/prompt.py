@@ -40,12 +40,13 @@ def check_feature_options(inputs: dict[str, Any], feature_layer: Any, strategy: 
 
 
 def placeholder_drop_mask(
-    input_ids: torch.Tensor, image_token_id: int, per_image: int, keep: int
+    input_ids: torch.Tensor, image_token_id: int, per_image: int, keep: int | torch.Tensor
 ) -> torch.Tensor:
     """Which placeholder columns to drop: all but the first ``keep`` of every image's block of ``per_image``.
 
     input_ids: ``(B, L)`` -> bool ``(B, L)``. Blocks may touch (``<image><image>``); they are told apart
-    by counting, so every row must hold a whole number of blocks.
+    by counting, so every row must hold a whole number of blocks. ``keep`` is one count for every image,
+    or a ``(num_images,)`` tensor of counts in reading order (row by row), when images keep their own.
     """
     is_img = input_ids == image_token_id
     counts = is_img.sum(dim=1)
@@ -55,7 +56,17 @@ def placeholder_drop_mask(
             f"expands them); found {counts.tolist()} per row. Pass the processor's output unchanged."
         )
     ordinal = is_img.long().cumsum(dim=1) - 1
-    return is_img & (ordinal % per_image >= keep)
+    if isinstance(keep, int):
+        return is_img & (ordinal % per_image >= keep)
+    images = counts // per_image
+    if int(images.sum()) != keep.numel():
+        raise ValueError(
+            f"{keep.numel()} per-image counts for {int(images.sum())} images in input_ids; give one per image"
+        )
+    first = images.cumsum(0) - images  # the index of every row's first image
+    image = first.unsqueeze(1) + ordinal.clamp(min=0) // per_image
+    limit = keep.to(input_ids.device)[image.clamp(max=max(keep.numel() - 1, 0))]
+    return is_img & (ordinal % per_image >= limit)
 
 
 def padding_side(attention_mask: torch.Tensor | None) -> str:

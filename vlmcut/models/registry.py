@@ -76,6 +76,7 @@ class ModelAdapter:
     options: tuple[AdapterOption, ...] = ()
     refuses: dict[str, str] = {}  # option of another family -> why this one does not take it
     ratio_keep: bool = False  # images may keep different counts, so a float keep ratio is allowed
+    auto_keep: bool = False  # keep="auto": every image's placeholders shrink to the count it chose
 
     def model_classes(self) -> tuple[type, ...]:
         """The classes of :attr:`classes` this ``transformers`` has (older releases may lack some)."""
@@ -176,7 +177,15 @@ def split_options(adapter: ModelAdapter, model: nn.Module, options: dict[str, An
 
 
 def check_keep_kind(adapter: ModelAdapter, model: nn.Module, keep: Any) -> None:
-    """A float ``keep`` (a ratio) only where the family gives images their own counts."""
+    """A float ``keep`` (a ratio) only where the family gives images their own counts; ``"auto"`` only
+    where a family lets every image keep its own count."""
+    if keep == "auto" and not adapter.auto_keep:
+        auto_families = " / ".join(a.title for a in ADAPTERS if a.auto_keep)
+        raise ValueError(
+            f"keep='auto' (a budget per image) is supported on {auto_families} only: there every image's "
+            f"placeholders can shrink to its own count; pass an int count of visual tokens per image for "
+            f"{type(model).__name__}"
+        )
     if isinstance(keep, float) and not adapter.ratio_keep:
         ratio_families = " / ".join(a.title for a in ADAPTERS if a.ratio_keep)
         raise ValueError(

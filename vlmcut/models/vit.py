@@ -153,6 +153,8 @@ class EncoderPassRecord:
     kept_indices: torch.Tensor | None = None
     tokens_per_layer: list[int] = field(default_factory=list)  # patch tokens after every layer
     num_patches: int = 0
+    # (B, N) True where a patch is processor padding (see padding_patches); None when the pixels were not seen
+    padding: torch.Tensor | None = None
 
 
 class EncoderPruner:
@@ -184,6 +186,8 @@ class EncoderPruner:
             OrderedDict()
         )
         self._images: list[tuple[torch.Tensor | None, list[int]]] = []  # per-image passes of one call
+        self._padding: torch.Tensor | None = None  # (B, N) processor padding of the current call
+        self._split = False  # whether the current call runs one image at a time
         self._restore_forward: Callable[[], None] = lambda: None
         self._install()
 
@@ -211,6 +215,12 @@ class EncoderPruner:
         if set_keys is not None and isinstance(pixels, torch.Tensor):
             # selectors that draw per image (random) draw from the image's own pixels, not its batch slot
             set_keys([content_key(x) for x in pixels])
+        patch = getattr(getattr(self.spec.root, "config", None), "patch_size", None)
+        self._padding = None
+        if isinstance(pixels, torch.Tensor) and pixels.dim() == 4 and isinstance(patch, int):
+            self._padding = padding_patches(pixels, patch)
+        self._split = isinstance(pixels, torch.Tensor) and pixels.dim() >= 1 and pixels.shape[0] > 1
+        self._split = self._split and self._splits(pixels)
         self._begin_image()
 
     def _splits(self, pixels: torch.Tensor) -> bool:
@@ -225,6 +235,13 @@ class EncoderPruner:
 
     def _begin_image(self) -> None:
         self.selector.start(self.consume_layer)
+        set_padding = getattr(self.selector, "set_padding", None)
+        if set_padding is not None:
+            pad = self._padding
+            if pad is not None and self._split:  # this pass is image number len(self._images) alone
+                b = len(self._images)
+                pad = pad[b : b + 1]
+            set_padding(pad)
         self._orig_idx = None
         self._tokens = []
 
@@ -235,12 +252,15 @@ class EncoderPruner:
         self._in_pass = False
         if self._images:  # one pass per image: the batch's record, images in order
             kept = [k for k, _ in self._images]
-            self._orig_idx = None if any(k is None for k in kept) else torch.cat(kept)
+            self._orig_idx = None if any(k is None for k in kept) else _pad_rows(kept)
             per_layer = zip(*(t for _, t in self._images), strict=True)
             self._tokens = [max(counts) for counts in per_layer]  # what the padded batch holds
             self._images = []
         self.record = EncoderPassRecord(
-            kept_indices=self._orig_idx, tokens_per_layer=list(self._tokens), num_patches=self._num_patches0
+            kept_indices=self._orig_idx,
+            tokens_per_layer=list(self._tokens),
+            num_patches=self._num_patches0,
+            padding=self._padding,
         )
 
     def _make_layer_pre(self, i: int) -> Callable:
@@ -337,6 +357,33 @@ class EncoderPruner:
 # Recorded choices kept for checkpoint recomputes (each a small index tensor): enough for many forwards
 # between two backward passes.
 _MAX_DECISIONS = 1024
+
+
+def _pad_rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Per-image ``(1, K_i)`` kept indices as one ``(B, max K_i)`` tensor, ``-1`` after each image's own
+    (images keep different counts under FlowCut's ``keep="auto"``)."""
+    width = max(r.shape[1] for r in rows)
+    if all(r.shape[1] == width for r in rows):
+        return torch.cat(rows)
+    return torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1]), value=-1) for r in rows])
+
+
+# A patch is processor padding when every pixel of it, in every channel, is within this of 0 after
+# normalisation. Processors pad with the mean colour (LLaVA-1.5's expand-to-square, transformers' do_pad),
+# which normalises to 0 up to the 8-bit rounding of the mean: at most (1/255) / std, 0.017 for the
+# smallest std in use (DINOv2's 0.225), so 0.02 catches it; real content is almost never flat at exactly
+# the mean colour over a whole patch (and such a patch holds no information either).
+PADDING_TOLERANCE = 0.02
+
+
+def padding_patches(pixels: torch.Tensor, patch: int, tol: float = PADDING_TOLERANCE) -> torch.Tensor:
+    """``(B, N)`` bool: which patches of normalised ``pixels`` (B, C, H, W) are flat processor padding
+    (raster order, the order of the tower's patch tokens)."""
+    b, _, h, w = pixels.shape
+    gh, gw = h // patch, w // patch
+    flat = pixels[..., : gh * patch, : gw * patch].detach().abs().amax(dim=1)  # (B, H, W)
+    per_patch = flat.reshape(b, gh, patch, gw, patch).amax(dim=(2, 4))  # (B, gh, gw)
+    return (per_patch <= tol).reshape(b, gh * gw)
 
 
 def content_key(x: torch.Tensor) -> int:
