@@ -40,7 +40,9 @@ def main() -> int:
     samples = list(load_dataset(args.data, args.split, n=ours["n"]))
     if data_fingerprint(samples) != ours["fingerprint"]:
         raise SystemExit("the stored cells were made with other questions; pass the sweep's --data / --split")
-    losses = [i for i, (a, b) in enumerate(zip(ours["correct"], theirs["correct"], strict=True)) if b and not a]
+    pairs = list(zip(ours["correct"], theirs["correct"], strict=True))
+    losses = [i for i, (a, b) in enumerate(pairs) if b and not a]
+    wins = sum(1 for a, b in pairs if a and not b)
     # one case per image, spread over the families
     seen, picked = set(), []
     for i in sorted(losses, key=lambda i: (samples[i].family, i)):
@@ -55,7 +57,7 @@ def main() -> int:
     lines = [
         f"# {args.data}: FlowCut wrong, {args.rival} right, {args.keep} tokens",
         "",
-        f"{len(losses)} such questions of {len(samples)} (and {sum(a and not b for a, b in zip(ours['correct'], theirs['correct']))} the other way round). "
+        f"{len(losses)} such questions of {len(samples)} (and {wins} the other way round). "
         "Left: FlowCut's kept patches; right: the rival's.",
         "",
     ]

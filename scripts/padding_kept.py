@@ -22,7 +22,14 @@ def main() -> int:
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=["flowcut", "flowcut:padding=compete", "flowcut:semantic_scaling=paper", "fastervlm", "visionzip", "random"],
+        default=[
+            "flowcut",
+            "flowcut:padding=compete",
+            "flowcut:semantic_scaling=paper",
+            "fastervlm",
+            "visionzip",
+            "random",
+        ],
     )
     args = parser.parse_args()
 

@@ -367,3 +367,39 @@ def test_wide_scenes_ask_the_same_questions_about_3_to_2_images() -> None:
     assert [(s.question, s.answer) for s in wide] == [(s.question, s.answer) for s in square]
     # the square scene sits unchanged in the middle of the wider canvas
     assert np.array_equal(np.asarray(wide[0].image)[:, 56:280], np.asarray(square[0].image))
+
+
+def test_frontier_report_tables() -> None:
+    from vlmcut.eval.report import frontier_report
+
+    def result(method, keep, correct, options=None, mean_tokens=None):
+        return EvalResult(
+            "d",
+            method,
+            keep,
+            len(correct),
+            sum(correct) / len(correct),
+            {"color": 0.5},
+            ["x"] * len(correct),
+            retention=1.0,
+            correct=correct,
+            options=options or {},
+            mean_tokens=mean_tokens if mean_tokens is not None else keep,
+        )
+
+    half = [1, 0] * 50
+    results = [
+        result("unpruned", None, [1] * 100),
+        result("flowcut", 32, half),
+        result("flowcut", 16, [0] * 100),
+        result("flowcut", 32, [1] * 100, {"padding": "compete"}),
+        result("flowcut", "auto", half, {"mass": 0.4}, mean_tokens=24.0),
+    ]
+    text = frontier_report(results, {"d": ["color", "shape"] * 50})
+    assert "| d | 32 | flowcut | padding=compete | 50.0 | 100.0 | -50.0 [" in text
+    auto_row = next(line for line in text.splitlines() if line.startswith("| mass=0.4"))
+    # auto (24 tokens) vs fixed 32: same answers, 25 % fewer tokens; vs 16: +50 points, 50 % more tokens
+    assert (
+        "+0.0 [+0.0, +0.0], tokens -25%" in auto_row and "+50.0 [" in auto_row and "tokens +50%" in auto_row
+    )
+    assert "## Per question family" in text and "| 32 | flowcut (accuracy) | 100.0 | 0.0 |" in text

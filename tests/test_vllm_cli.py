@@ -76,6 +76,8 @@ def test_engine_overrides_validate_like_prune():
         engine_overrides("flowcut", 0.5)
     with pytest.raises((TypeError, ValueError), match="keep"):
         engine_overrides("grid", 0)
+    with pytest.raises(ValueError, match="fixed int count"):
+        engine_overrides("flowcut", "auto")
 
 
 def test_transformers5_tower_names_are_nested():

@@ -82,6 +82,35 @@ def auto_table(results: Sequence[EvalResult], baseline: str = "flowcut") -> str:
     return "\n\n".join(blocks)
 
 
+def variant_table(results: Sequence[EvalResult]) -> str:
+    """Cells run with extra options at a fixed budget (e.g. ``padding=compete``) against the same method and
+    budget with its defaults: accuracy of both and the paired difference (default - variant)."""
+    lines = [
+        "| data | budget | method | variant | default accuracy | variant accuracy | default - variant, points [95% CI] |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for v in results:
+        if not v.options or not isinstance(v.keep, int):
+            continue
+        base = next(
+            (
+                r
+                for r in results
+                if r.dataset == v.dataset and r.method == v.method and r.keep == v.keep and not r.options
+            ),
+            None,
+        )
+        if base is None:
+            continue
+        iv = paired_bootstrap(base.correct, v.correct)
+        opts = ",".join(f"{k}={val}" for k, val in sorted(v.options.items()))
+        lines.append(
+            f"| {v.dataset} | {v.keep} | {v.method} | {opts} | {100 * base.accuracy:.1f} | {100 * v.accuracy:.1f} "
+            f"| {iv.text()}{'*' if iv.excludes_zero else ''} |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def frontier_report(
     results: Sequence[EvalResult], families: dict[str, Sequence[str]], out: str | Path | None = None
 ) -> str:
@@ -92,6 +121,9 @@ def frontier_report(
         rows = [r for r in results if r.dataset == dataset]
         if fam is not None and rows and all(len(r.correct) == len(fam) for r in rows if r.correct):
             parts += ["", "## Per question family", "", family_table(rows, list(fam))]
+    variants = variant_table(results)
+    if variants:
+        parts += ["", "## Option variants against the defaults", "", variants]
     auto = auto_table(results)
     if auto:
         parts += ["", "## keep='auto' against fixed budgets", "", auto]

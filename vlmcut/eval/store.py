@@ -77,11 +77,17 @@ class ResultStore:
     def append(self, dataset: str, row: dict[str, Any]) -> None:
         """Write one finished cell and make it durable before the next one starts."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({**row, "model": self.model_id}) + "\n"
-        with self.path(dataset).open("a", encoding="utf-8") as fh:
-            fh.write(line)
-            fh.flush()
-            os.fsync(fh.fileno())
+        data = (json.dumps({**row, "model": self.model_id}) + "\n").encode()
+        # One write() on an O_APPEND descriptor: two processes appending cells of the same dataset (say, a
+        # second sweep adding keep="auto" cells) never interleave inside a line.
+        fd = os.open(self.path(dataset), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(f"short write to {self.path(dataset)} ({written} of {len(data)} bytes)")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         self._cells.setdefault(dataset, {})[row["cell"]] = {**row, "model": self.model_id}
 
     @staticmethod

@@ -81,6 +81,11 @@ def build_settings(method: object, keep: object, options: Mapping[str, Any] | No
         raise ValueError("feature_layer is read from the LLaVA config (vision_feature_layer); do not pass it")
     if isinstance(keep, float):
         raise ValueError(f"keep={keep!r}: the vLLM plugin takes an int count of visual tokens per image")
+    if keep == "auto":
+        raise ValueError(
+            "keep='auto': vLLM reserves every image's placeholders before its encoder runs, so the plugin needs "
+            "a fixed int count of visual tokens per image (use keep='auto' with vlmcut.prune in transformers)"
+        )
     return PruneSettings(name, METHODS[name].config(keep, options))
 
 
