@@ -403,3 +403,36 @@ def test_frontier_report_tables() -> None:
         "+0.0 [+0.0, +0.0], tokens -25%" in auto_row and "+50.0 [" in auto_row and "tokens +50%" in auto_row
     )
     assert "## Per question family" in text and "| 32 | flowcut (accuracy) | 100.0 | 0.0 |" in text
+
+
+def test_cli_report_rebuilds_every_table_from_stored_cells(tmp_path, capsys) -> None:
+    from vlmcut.cli import main
+
+    samples = list(load_dataset("scenes", "test", n=6))
+    store = ResultStore(tmp_path, "zoo:x")
+    fingerprint = data_fingerprint(samples)
+    for method, keep, correct, options in (
+        ("unpruned", None, [1] * 6, {}),
+        ("flowcut", 16, [1, 1, 1, 0, 0, 0], {}),
+        ("visionzip", 16, [1, 0, 0, 0, 0, 0], {}),
+        ("flowcut", 16, [1, 1, 1, 1, 0, 0], {"padding": "compete"}),
+    ):
+        r = EvalResult(
+            "scenes",
+            method,
+            keep,
+            6,
+            sum(correct) / 6,
+            {"existence": 0.5},
+            ["yes"] * 6,
+            correct=correct,
+            options=options,
+            mean_tokens=keep,
+        )
+        store.append("scenes", r.row(fingerprint))
+    store.append("scenes", {"cell": "pdrop@16", "fingerprint": fingerprint, "skipped": "unreachable"})
+    assert main(["eval", "--report", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "frontier.md").read_text()
+    assert "| visionzip | 16.7 -33.3 [" in text
+    assert "## Per question family" in text and "## Option variants against the defaults" in text
+    assert (tmp_path / "sweep.md").is_file() and "wrote" in capsys.readouterr().out
