@@ -298,8 +298,8 @@ def test_easy_vqa_train_validation_partition_and_upscale():
 
 
 def test_registry():
-    assert dataset_names() == ["easy-vqa", "scenes"]
+    assert dataset_names() == ["easy-vqa", "scenes", "scenes-wide"]
     ds = load_dataset("scenes", "validation", n=15)
     assert len(ds) == 15 and ds.name == "scenes"
-    with pytest.raises(ValueError, match="easy-vqa, scenes"):
+    with pytest.raises(ValueError, match="easy-vqa, scenes, scenes-wide"):
         load_dataset("coco", "test")

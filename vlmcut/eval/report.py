@@ -116,11 +116,14 @@ def frontier_report(
 ) -> str:
     """The whole report (Markdown): Table 1 with intervals, per-family differences, the auto frontier."""
     parts = ["## Accuracy with paired 95% intervals against FlowCut", "", pivot_table(results)]
+    tables = []
     for dataset in sorted({r.dataset for r in results}):
         fam = families.get(dataset)
         rows = [r for r in results if r.dataset == dataset]
         if fam is not None and rows and all(len(r.correct) == len(fam) for r in rows if r.correct):
-            parts += ["", "## Per question family", "", family_table(rows, list(fam))]
+            tables.append(family_table(rows, list(fam)))
+    if tables:
+        parts += ["", "## Per question family", "", "\n\n".join(tables)]
     variants = variant_table(results)
     if variants:
         parts += ["", "## Option variants against the defaults", "", variants]
