@@ -417,6 +417,15 @@ def write_reports(results: Sequence[EvalResult], out_dir: str | Path, stem: str 
     return paths
 
 
+def _series(r: EvalResult) -> str:
+    """A plot line for runs with options: one per method and options, ``keep="auto"`` runs of every
+    ``mass`` on one line."""
+    if r.keep == "auto":
+        rest = {k: v for k, v in r.options.items() if k != "mass"}
+        return f"{r.method} keep=auto" + (f" {rest}" if rest else "")
+    return f"{r.method} " + ",".join(f"{k}={v}" for k, v in sorted(r.options.items()))
+
+
 def plot_sweep(results: Sequence[EvalResult], path: str | Path) -> Path:
     """Accuracy against kept tokens, one line per method and dataset (like the paper's Table 1 trend)."""
     import matplotlib
@@ -435,19 +444,13 @@ def plot_sweep(results: Sequence[EvalResult], path: str | Path) -> Path:
                 (r.mean_tokens or r.keep, r.accuracy) for r in rows if r.method == m and not r.options
             )
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=m)
-        for label in sorted({cell_key(r.method, "", r.options) for r in rows if r.options}):
+        for label in sorted({_series(r) for r in rows if r.options}):
             pts = sorted(
                 (r.mean_tokens, r.accuracy)
                 for r in rows
-                if r.options and cell_key(r.method, "", r.options) == label and r.mean_tokens
+                if r.options and _series(r) == label and r.mean_tokens
             )
-            ax.plot(
-                [p[0] for p in pts],
-                [100 * p[1] for p in pts],
-                marker="s",
-                linestyle=":",
-                label=label[:-1] if label.endswith("@") else label,
-            )
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="s", linestyle=":", label=label)
         if ref is not None:
             ax.axhline(100 * ref.accuracy, color="gray", linestyle="--", label="unpruned")
         ax.set_xscale("log", base=2)
