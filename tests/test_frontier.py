@@ -13,7 +13,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import vlmcut
 from vlmcut.eval.datasets import load_dataset
-from vlmcut.eval.runner import EvalResult, pivot_table, sweep
+from vlmcut.eval.runner import EvalResult, markdown_table, pivot_table, sweep
 from vlmcut.eval.stats import paired_bootstrap
 from vlmcut.eval.store import ResultStore, cell_key, data_fingerprint
 from vlmcut.methods.flowcut import FlowCutConfig, FlowCutSelector, mass_count
@@ -79,17 +79,21 @@ def test_sweep_resumes_and_refuses_a_store_of_other_questions(tmp_path, capsys) 
     model = tiny.llava(seed=12, text_layers=4)
     proc = tiny.processor()
     samples = list(load_dataset("scenes", "validation", n=6, image_size=tiny.IMAGE))
-    first = sweep(
-        model,
-        proc,
-        {"scenes": samples},
-        ["flowcut", "pdrop"],
-        keeps=(16, 4),
-        batch_size=6,
-        progress=False,
-        out=tmp_path,
-        model_id="tiny",
-    )
+
+    def run(data, **kwargs):
+        return sweep(
+            model,
+            proc,
+            data,
+            ["flowcut", "pdrop"],
+            keeps=(16, 4),
+            batch_size=6,
+            progress=False,
+            out=tmp_path,
+            **kwargs,
+        )
+
+    first = run({"scenes": samples}, model_id="tiny")
     path = tmp_path / "cells" / "scenes.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     # unpruned, flowcut@16, flowcut@4, pdrop@16, and pdrop@4 stored as skipped (unreachable budget)
@@ -98,18 +102,7 @@ def test_sweep_resumes_and_refuses_a_store_of_other_questions(tmp_path, capsys) 
     assert all(len(r["correct"]) == 6 for r in rows[:-1])
 
     # A rerun with one more cell runs only that cell; the stored ones come back equal.
-    again = sweep(
-        model,
-        proc,
-        {"scenes": samples},
-        ["flowcut", "pdrop"],
-        keeps=(16, 4),
-        batch_size=6,
-        progress=False,
-        out=tmp_path,
-        model_id="tiny",
-        extra=[("flowcut", 8, {"padding": "compete"})],
-    )
+    again = run({"scenes": samples}, model_id="tiny", extra=[("flowcut", 8, {"padding": "compete"})])
     rows2 = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows2) == len(rows) + 1 and rows2[-1]["cell"] == "flowcut@8[padding=compete]"
     assert [(r.cell, r.answers) for r in again[: len(first)]] == [(r.cell, r.answers) for r in first]
@@ -117,27 +110,9 @@ def test_sweep_resumes_and_refuses_a_store_of_other_questions(tmp_path, capsys) 
 
     # Another model id, or other questions, in the same directory: refused, nothing mixed.
     with pytest.raises(ValueError, match="another model"):
-        sweep(
-            model,
-            proc,
-            {"scenes": samples},
-            ["flowcut"],
-            keeps=(16,),
-            progress=False,
-            out=tmp_path,
-            model_id="other",
-        )
+        run({"scenes": samples}, model_id="other")
     with pytest.raises(ValueError, match="other questions"):
-        sweep(
-            model,
-            proc,
-            {"scenes": samples[:5]},
-            ["flowcut"],
-            keeps=(16,),
-            progress=False,
-            out=tmp_path,
-            model_id="tiny",
-        )
+        run({"scenes": samples[:5]}, model_id="tiny")
     # A line cut short by a killed run is skipped with a warning; its cell runs again.
     with path.open("a") as fh:
         fh.write('{"cell": "grid@4", "fingerp')
@@ -403,6 +378,11 @@ def test_frontier_report_tables() -> None:
         "+0.0 [+0.0, +0.0], tokens -25%" in auto_row and "+50.0 [" in auto_row and "tokens +50%" in auto_row
     )
     assert "## Per question family" in text and "| 32 | flowcut (accuracy) | 100.0 | 0.0 |" in text
+    table = markdown_table(results)
+    assert (
+        "| d | flowcut[padding=compete] | 32 |" in table
+        and "| d | flowcut[mass=0.4] | auto (mean 24.0) |" in table
+    )
 
 
 def test_cli_report_rebuilds_every_table_from_stored_cells(tmp_path, capsys) -> None:

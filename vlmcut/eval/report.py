@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .runner import EvalResult, pivot_table
 from .stats import paired_bootstrap
+from .store import options_text
 
 __all__ = ["auto_table", "family_table", "frontier_report"]
 
@@ -72,7 +73,7 @@ def auto_table(results: Sequence[EvalResult], baseline: str = "flowcut") -> str:
                 iv = paired_bootstrap(a.correct, f.correct)
                 change = 100 * ((a.mean_tokens or 0) / f.keep - 1)
                 cells.append(f"{iv.text()}{'*' if iv.excludes_zero else ''}, tokens {change:+.0f}%")
-            opts = ",".join(f"{k}={v}" for k, v in sorted(a.options.items()))
+            opts = options_text(a.options)
             lines.append(
                 f"| {opts} | {a.mean_tokens:.1f} | {100 * a.accuracy:.1f} | " + " | ".join(cells) + " |"
             )
@@ -103,7 +104,7 @@ def variant_table(results: Sequence[EvalResult]) -> str:
         if base is None:
             continue
         iv = paired_bootstrap(base.correct, v.correct)
-        opts = ",".join(f"{k}={val}" for k, val in sorted(v.options.items()))
+        opts = options_text(v.options)
         lines.append(
             f"| {v.dataset} | {v.keep} | {v.method} | {opts} | {100 * base.accuracy:.1f} | {100 * v.accuracy:.1f} "
             f"| {iv.text()}{'*' if iv.excludes_zero else ''} |"

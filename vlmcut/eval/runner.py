@@ -22,7 +22,7 @@ from ..api import available_methods, prune
 from ..inference import build_prompt, generate_answers
 from .scenes import normalize_answer
 from .stats import paired_bootstrap
-from .store import ResultStore, cell_key, data_fingerprint
+from .store import ResultStore, cell_key, data_fingerprint, options_text
 
 
 @dataclass
@@ -393,7 +393,7 @@ def markdown_table(results: Sequence[EvalResult]) -> str:
         tokens = "all" if r.keep is None else str(r.keep)
         if r.mean_tokens is not None and r.mean_tokens != r.keep:
             tokens += f" (mean {r.mean_tokens:.1f})"
-        method = r.method + (cell_key("", "", r.options)[2:] if r.options else "")
+        method = f"{r.method}[{options_text(r.options)}]" if r.options else r.method
         lines.append(
             "| " + " | ".join([r.dataset, method, tokens, *fam, f"{100 * r.accuracy:.1f}", ret, agr]) + " |"
         )
@@ -423,7 +423,7 @@ def _series(r: EvalResult) -> str:
     if r.keep == "auto":
         rest = {k: v for k, v in r.options.items() if k != "mass"}
         return f"{r.method} keep=auto" + (f" {rest}" if rest else "")
-    return f"{r.method} " + ",".join(f"{k}={v}" for k, v in sorted(r.options.items()))
+    return f"{r.method} {options_text(r.options)}"
 
 
 def plot_sweep(results: Sequence[EvalResult], path: str | Path) -> Path:

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ResultStore", "cell_key", "data_fingerprint"]
+__all__ = ["ResultStore", "cell_key", "data_fingerprint", "options_text"]
 
 
 def data_fingerprint(samples: Sequence[Any]) -> str:
@@ -28,13 +28,18 @@ def data_fingerprint(samples: Sequence[Any]) -> str:
     return f"{len(samples)}:{digest.hexdigest()[:16]}"
 
 
+def options_text(options: dict[str, Any]) -> str:
+    """``"mass=0.4,min_keep=8"``: a run's extra options, sorted by name."""
+    return ",".join(f"{k}={options[k]}" for k in sorted(options))
+
+
 def cell_key(method: str, keep: int | str | None, options: dict[str, Any] | None = None) -> str:
     """``"unpruned"``, ``"flowcut@64"``, ``"flowcut@auto[mass=0.9]"``: a cell's name inside one dataset."""
     if method == "unpruned":
         return "unpruned"
     text = f"{method}@{keep}"
     if options:
-        text += "[" + ",".join(f"{k}={options[k]}" for k in sorted(options)) + "]"
+        text += f"[{options_text(options)}]"
     return text
 
 
@@ -44,7 +49,6 @@ class ResultStore:
     def __init__(self, directory: str | Path, model_id: str) -> None:
         self.dir = Path(directory) / "cells"
         self.model_id = model_id
-        self._cells: dict[str, dict[str, dict[str, Any]]] = {}
 
     def path(self, dataset: str) -> Path:
         return self.dir / f"{dataset}.jsonl"
@@ -71,7 +75,6 @@ class ResultStore:
                         f"{fingerprint}, model {self.model_id}); give another --out or delete that file"
                     )
                 cells[row["cell"]] = row
-        self._cells[dataset] = cells
         return cells
 
     def append(self, dataset: str, row: dict[str, Any]) -> None:
@@ -88,7 +91,6 @@ class ResultStore:
             os.fsync(fd)
         finally:
             os.close(fd)
-        self._cells.setdefault(dataset, {})[row["cell"]] = {**row, "model": self.model_id}
 
     @staticmethod
     def read_all(directory: str | Path) -> Iterable[dict[str, Any]]:
