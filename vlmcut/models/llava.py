@@ -214,40 +214,23 @@ class LlavaAttachment(VLMAttachment):
         per_image, kept = self.placeholders(pixel_values)
         n_images = pixel_values.shape[0]
         total = int((ids == self.image_token_id).sum())
-        if self.auto:
-            return self._compact_auto(inputs, ids, pixel_values, per_image, total)
-        if kept >= per_image:
+        if not self.auto and kept >= per_image:
             return None
-        if total == n_images * kept and self.generating:
-            return None  # already compact: a forward of our own generate (its prompt was cut once)
+        # already compact: a forward of our own generate (its prompt was cut once)
+        cut_once = total < n_images * per_image if self.auto else total == n_images * kept
+        if cut_once and self.generating:
+            return None
         if total != n_images * per_image:
             raise ValueError(
                 f"input_ids hold {total} image placeholders for {n_images} image(s); expected "
                 f"{per_image} per image. {unchanged_hint()}"
             )
-        drop = placeholder_drop_mask(ids, self.image_token_id, per_image, kept)
-        return compact_prompt(inputs, drop, self.pad_token_id)
-
-    def _compact_auto(
-        self,
-        inputs: dict[str, Any],
-        ids: torch.Tensor,
-        pixel_values: torch.Tensor,
-        per_image: int,
-        total: int,
-    ) -> tuple[dict[str, Any], int] | None:
-        n_images = pixel_values.shape[0]
-        if self.generating and total < n_images * per_image:
-            return None  # already compact: a forward of our own generate (its prompt was cut once)
-        if total != n_images * per_image:
-            raise ValueError(
-                f"input_ids hold {total} image placeholders for {n_images} image(s); expected "
-                f"{per_image} per image. {unchanged_hint()}"
-            )
-        counts = torch.tensor(self._auto_counts(pixel_values), device=ids.device)
-        if bool((counts >= per_image).all()):
-            return None
-        drop = placeholder_drop_mask(ids, self.image_token_id, per_image, counts)
+        keep: int | torch.Tensor = kept
+        if self.auto:  # every image's own count, known once its tower pass has run
+            keep = torch.tensor(self._auto_counts(pixel_values), device=ids.device)
+            if bool((keep >= per_image).all()):
+                return None
+        drop = placeholder_drop_mask(ids, self.image_token_id, per_image, keep)
         return compact_prompt(inputs, drop, self.pad_token_id)
 
     # -- the language-model stage ---------------------------------------------------------------------------
