@@ -303,11 +303,92 @@ def test_auto_counts_do_not_depend_on_the_batch(proc) -> None:
     assert together == alone
 
 
+def _qwen_auto_batch(seed: int):
+    """A 16-unit image, an 8-unit one and a plain (constant) 16-unit one, in two left-padded rows."""
+    import tiny_qwen as tq
+
+    inputs = tq.prompt_inputs(
+        [[3, "image", 4], ["image", 6, "image", 7]], [(1, 8, 8), (1, 4, 8), (1, 8, 8)], seed=seed
+    )
+    plain = inputs["pixel_values"][-64:]
+    plain.copy_(plain.mean(0, keepdim=True) + 0.01 * plain)  # nearly constant third image
+    return inputs
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_auto_on_qwen_keeps_each_images_own_count(arch) -> None:
+    """keep="auto" on Qwen: every image's count comes from its mass in the tower, within the bounds; the
+    language model receives exactly those tokens (no second stage); cached generate = recomputing."""
+    import tiny_qwen as tq
+
+    model = getattr(tq, arch)(seed=4)
+    inputs = _qwen_auto_batch(4)
+    seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["inputs_embeds"].shape[1]), with_kwargs=True
+    )
+    gen = {"max_new_tokens": 3, "do_sample": False, "suppress_tokens": tq.SUPPRESS}
+    try:
+        with torch.no_grad():
+            counts = {}
+            for mass in (0.3, 0.6, 0.9):
+                with vlmcut.prune(model, "flowcut", keep="auto", mass=mass, min_keep=2) as h:
+                    model(**inputs)
+                    counts[mass] = h.image_token_counts
+                    lm_length = seen[-1]
+                    items = h._attachment.pass_record.items
+                    assert h.llm_record is None  # no language-model stage under auto
+            with vlmcut.prune(model, "flowcut", keep="auto", mass=0.6, min_keep=2, max_keep=5) as h:
+                model(**inputs)
+                capped = h.image_token_counts
+                cached = model.generate(**inputs, **gen)
+                recomputed = tq.greedy_without_cache(model, inputs, 3)
+    finally:
+        hook.remove()
+    sizes = [16, 8, 16]
+    for c in counts.values():
+        assert len(c) == 3 and all(2 <= k <= n for k, n in zip(c, sizes, strict=True))
+    assert [len(it.kept_units) for it in items] == counts[0.9]
+    # more mass, more tokens (per image); some image keeps fewer than all
+    assert all(a <= b <= c for a, b, c in zip(counts[0.3], counts[0.6], counts[0.9], strict=True))
+    assert counts[0.3] != counts[0.9] and min(k - n for k, n in zip(counts[0.3], sizes, strict=True)) < 0
+    assert len(set(counts[0.6])) > 1  # the images chose different counts
+    # the language model saw exactly the kept tokens: text columns + the counts of each row's images
+    text = [int(inputs["attention_mask"][r].sum()) - n for r, n in enumerate([16, 8 + 16])]
+    c = counts[0.9]
+    assert lm_length == max(text[0] + c[0], text[1] + c[1] + c[2])
+    assert all(2 <= k <= 5 for k in capped) and max(counts[0.6]) > 5
+    assert torch.equal(cached, recomputed)
+
+
+def test_auto_on_qwen_counts_do_not_depend_on_the_batch() -> None:
+    import tiny_qwen as tq
+
+    model = tq.qwen2_vl(seed=6)
+    both = _qwen_auto_batch(6)
+    row1 = tq.prompt_inputs([["image", 6, "image", 7]], [(1, 4, 8), (1, 8, 8)], seed=0)
+    row1["pixel_values"] = both["pixel_values"][64:]  # the same two images as row 1 of the batch
+    with torch.no_grad(), vlmcut.prune(model, "flowcut", keep="auto", mass=0.5, min_keep=2) as h:
+        model(**both)
+        together = h.image_token_counts
+        feats = [it.features for it in h._attachment.pass_record.items]
+        model(**row1)
+        alone = h.image_token_counts[3:]
+        feats_alone = [it.features for it in h._attachment.pass_record.items]
+    assert together[1:] == alone
+    for a, b in zip(feats[1:], feats_alone, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_auto_is_refused_where_counts_cannot_differ_and_checked() -> None:
+    import test_llava_next as nxt
+
+    with pytest.raises(ValueError, match="keep='auto'.*LLaVA-1.5 / Qwen2-VL"):
+        vlmcut.prune(nxt.llava_next(seed=1), "flowcut", keep="auto")
     from tiny_qwen import qwen2_vl
 
-    with pytest.raises(ValueError, match="keep='auto'.*LLaVA-1.5"):
-        vlmcut.prune(qwen2_vl(), "flowcut", keep="auto")
+    with pytest.raises(ValueError, match="'flowcut' only"):
+        vlmcut.prune(qwen2_vl(), "fastv", keep="auto")
     with pytest.raises(ValueError, match="'flowcut' only"):
         vlmcut.prune(tiny.llava(), "visionzip", keep="auto")
     with pytest.raises(ValueError, match="keep='auto'"):

@@ -92,14 +92,17 @@ def test_counts_two_stage(arch, keep, targets) -> None:
 
 
 @pytest.mark.parametrize("arch", BUILDERS)
-def test_kept_tokens_keep_their_unpruned_mrope_positions(arch) -> None:
+@pytest.mark.parametrize(
+    "budget", [{"keep": 3}, {"keep": "auto", "mass": 0.5, "min_keep": 2}], ids=["3", "auto"]
+)
+def test_kept_tokens_keep_their_unpruned_mrope_positions(arch, budget) -> None:
     """Oracle by formula: an image starting at text position s puts merged token (row y, column x) at
     (s, s + y, s + x); text after it continues at s + max(h', w'). Pruning must not renumber anything."""
     model = BUILDERS[arch](seed=2)
     inputs = _batch(seed=2)
     calls, hook = _lm_inputs(model)
     try:
-        with torch.no_grad(), vlmcut.prune(model, "flowcut", keep=3) as h:
+        with torch.no_grad(), vlmcut.prune(model, "flowcut", **budget) as h:
             model(**inputs)
             items = h._attachment.pass_record.items
     finally:

@@ -166,3 +166,86 @@ def test_shipped_weights_answer_easy_vqa_colours_and_shapes() -> None:
     samples = [s for s in data.filter(family="color")[:8]] + [s for s in data.filter(family="shape")[:8]]
     result = evaluate(model, processor, samples, "easy-vqa", progress=False)
     assert result.per_family["color"] >= 0.75 and result.per_family["shape"] >= 0.75, result.per_family
+
+
+def test_pruned_feature_cache_holds_what_the_pruned_model_feeds_its_projector(small) -> None:
+    """With FlowCut on the tower, the cache holds each image's 64 kept tokens (the projector turns them into
+    exactly the pruned model's image features), their grid positions, and grounding targets follow them."""
+    import vlmcut
+
+    model, processor = small
+    convs = train_module.conversations(load_dataset("scenes", "train", n=40), 2, random.Random(0), 3)
+    pixels = processor.image_processor([c.load_image() for c in convs], return_tensors="pt")["pixel_values"]
+    with torch.no_grad(), vlmcut.prune(model, "flowcut", keep=64) as handle:
+        cache = train_module.FeatureCache(model, processor, handle)
+        feats = cache.get(convs)
+        kept = cache.kept_indices(convs)
+        reference = model.model.get_image_features(pixel_values=pixels).pooler_output
+        reference_kept = handle.kept_indices.clone()
+        projected = model.model.multi_modal_projector(feats)
+    assert feats.shape[:2] == (3, 64) and torch.equal(kept, reference_kept)
+    torch.testing.assert_close(projected, torch.stack(list(reference)), atol=0.05, rtol=0.02)  # bf16 cache
+    # the same images alone: the same tokens (a result never depends on the batch)
+    with torch.no_grad(), vlmcut.prune(model, "flowcut", keep=64) as handle:
+        alone = train_module.FeatureCache(model, processor, handle)
+        assert torch.equal(alone.get(convs[1:2])[0], feats[1])
+    grounding = train_module.Grounding(model, processor)
+    color, _ = grounding.targets(convs[0])
+    words = model.get_input_embeddings().weight[grounding.word_ids].detach()
+    embeds = torch.randn(3, 64, words.shape[1])
+    for b, c in enumerate(convs):  # kept tokens that embed their own (gathered) colour word score better
+        col = grounding.targets(c)[0][kept[b]]
+        on = col >= 0
+        embeds[b, on] = 5 * words[col[on]]
+    assert (color[kept[0]] >= 0).any()
+    with torch.no_grad():
+        aligned = grounding.loss(embeds, convs, kept).item()
+        shuffled = grounding.loss(embeds[:, torch.randperm(64)], convs, kept).item()
+    assert aligned < shuffled
+    with pytest.raises(ValueError, match="kept patch positions"):
+        grounding.loss(embeds, convs)  # 64 tokens, 256 targets: the positions are needed
+
+
+def test_compare_training_steps_both_arms_from_one_start_and_reports_paired_intervals(
+    small, tmp_path: Path
+) -> None:
+    from vlmcut.eval.runner import EvalResult
+    from vlmcut.eval.store import ResultStore
+
+    model, _ = small
+    start = train_module.save_weights(model, tmp_path / "start.safetensors", None, {"test": True})
+    cfg = train_module.TrainConfig(
+        stage2_steps=3,
+        batch_size=1,
+        turns=2,
+        warmup=1,
+        lora_rank=2,
+        scenes_images=3,
+        easy_vqa_images=0,
+        datasets=("scenes",),
+        time_budget_s=1e9,
+        log_every=1,
+        init=str(start),
+    )
+    record = train_module.compare_training(cfg, "flowcut@64", tmp_path)
+    arms = record["arms"]
+    assert set(arms) == {"unpruned", "flowcut64"}
+    assert arms["unpruned"]["image_tokens"] == 256 and arms["flowcut64"]["image_tokens"] == 64
+    assert all(len(a["seconds"]) == 3 and all(x > 0 for x in a["seconds"]) for a in arms.values())
+    assert record["step_time_ratio"] == pytest.approx(
+        arms["unpruned"]["s_per_step_mean"] / arms["flowcut64"]["s_per_step_mean"]
+    )
+    a, b = (lora_deltas(tmp_path / f"{arm}.safetensors") for arm in ("unpruned", "flowcut64"))
+    assert a.keys() == b.keys() and any(not torch.allclose(a[k], b[k]) for k in a)  # trained differently
+    # the report: each arm's cells, the pruned-trained arm's paired interval against the unpruned-trained one
+    for arm, right in (("unpruned", [1, 1, 0, 0]), ("flowcut64", [1, 1, 1, 1])):
+        store = ResultStore(tmp_path / f"eval-{arm}", "m")
+        for cell in ("unpruned", "flowcut"):
+            keep = None if cell == "unpruned" else 64
+            result = EvalResult("scenes", cell, keep, 4, sum(right) / 4, {}, correct=right)
+            store.append("scenes", result.row("fp"))
+    text = train_module.compare_report(tmp_path, ["unpruned", "flowcut64"])
+    assert "| scenes | flowcut@64 (n=4) | 50.0 | 100.0 | +50.0 [" in text
+    assert f"**{record['step_time_ratio']:.2f}x**" in text
+    with pytest.raises(ValueError, match="no evaluation cells"):
+        train_module.compare_report(tmp_path, ["unpruned", "missing"])

@@ -138,8 +138,8 @@ class PruneHandle:
     @property
     def image_token_counts(self) -> list[int]:
         """With ``keep="auto"``: the visual tokens every image kept (what reached the language model), one
-        entry per image in the order the model saw them, since :func:`prune`; empty for fixed budgets,
-        where every image keeps ``keep``."""
+        entry per image in the order the model saw them, since :func:`prune` (Qwen2-VL: a call's images,
+        then its videos); empty for fixed budgets, where every image keeps ``keep``."""
         counts = self._counts if self._attachment is None else getattr(self._attachment, "image_counts", [])
         return list(counts)
 
@@ -182,9 +182,9 @@ def prune(
         keep: visual tokens per image that reach the consumer (LLaVA: placeholders per image; Video-LLaVA:
             patch tokens per video; Qwen2-VL: tokens after the 2x2 merger). ``keep`` >= the number of
             tokens is the exact identity. Families that give images their own counts (Qwen2-VL) also take
-            a float ratio in (0, 1]. LLaVA-1.5 with ``"flowcut"`` also takes ``"auto"``: a count per image
-            from FlowCut's importance mass (options ``mass``, ``min_keep``, ``max_keep``), reported in
-            ``handle.image_token_counts``.
+            a float ratio in (0, 1]. LLaVA-1.5 and Qwen2-VL / Qwen2.5-VL with ``"flowcut"`` also take
+            ``"auto"``: a count per image from FlowCut's importance mass (options ``mass``, ``min_keep``,
+            ``max_keep``), reported in ``handle.image_token_counts``.
         **options: the method's settings (its config class, e.g. :class:`FlowCutConfig`), and the model
             family's own options (e.g. ``video_budget`` for video models, ``feature_layer`` for a bare
             vision tower; see the family's module in :mod:`vlmcut.models`).

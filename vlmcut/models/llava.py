@@ -35,7 +35,7 @@ from .prompt import (
     placeholder_drop_mask,
     unchanged_hint,
 )
-from .registry import ModelAdapter, ModelParts, register_adapter, tower_parts
+from .registry import UNBOUNDED_KEEP, ModelAdapter, ModelParts, register_adapter, tower_parts
 from .vit import EncoderPassRecord, EncoderPruner, consumed_layer, tower_spec
 
 
@@ -297,9 +297,6 @@ class _Restore:
             undo()
 
 
-_UNBOUNDED = 1 << 30  # keep="auto" without max_keep: no image is capped below its patch count
-
-
 def _tensor_key(x: Any) -> tuple:
     """Identifies one pixel tensor, unchanged (same storage, same in-place version)."""
     if not isinstance(x, torch.Tensor):
@@ -325,7 +322,7 @@ class LlavaAdapter(ModelAdapter):
             (lambda k: spec.make_llm_selector(config, k)) if spec.make_llm_selector is not None else None
         )
         if config.keep == "auto":  # the bound: max_keep, or every patch (the selector caps it per image)
-            bound = _UNBOUNDED if config.max_keep is None else config.max_keep
+            bound = UNBOUNDED_KEEP if config.max_keep is None else config.max_keep
             return LlavaAttachment(model, make_encoder, bound, None, auto=True)
         return LlavaAttachment(model, make_encoder, config.keep, make_llm)
 

@@ -43,7 +43,11 @@ item's count, so ``keep >=`` the count keeps the item whole; a float ratio in (0
   with ``"shared"``: the whole video is one group with target ``K``, scored with one global token, so
   frames compete for the budget;
 * FlowCut keeps ``min(2 K_g, units)`` merge units per group in the vision tower (SPEC "Two-stage": ``2K``
-  measured after the merger), then ``K_g`` in the language model; LLM-only methods keep the tower whole.
+  measured after the merger), then ``K_g`` in the language model; LLM-only methods keep the tower whole;
+* ``keep="auto"`` (FlowCut only): every group keeps the fewest merge units whose share of its cumulative
+  importance reaches ``mass`` (between ``min_keep`` and ``max_keep``), decided at the tower's last pruning
+  step. That count is final: there is no language-model stage, since a second cut to a fixed fraction would
+  undo the per-image choice. The counts are on ``handle.image_token_counts`` (images, then videos).
 
 Encoder-only methods (random, grid, VisionZip, FasterVLM) select single tokens and are not supported here.
 """
@@ -65,7 +69,15 @@ from torch.utils.hooks import RemovableHandle
 from ..methods.base import LLMContext, LLMSelection, LLMSelector, MethodSpec, VisionSelector
 from .base import VLMAttachment
 from .prompt import IGNORE_INDEX, compact, last_prompt_index, padding_side
-from .registry import VIDEO_BUDGET, VIDEO_BUDGETS, ModelAdapter, ModelParts, image_token_id, register_adapter
+from .registry import (
+    UNBOUNDED_KEEP,
+    VIDEO_BUDGET,
+    VIDEO_BUDGETS,
+    ModelAdapter,
+    ModelParts,
+    image_token_id,
+    register_adapter,
+)
 from .vit import EncoderPassRecord
 
 SUPPORTED_QWEN = (
@@ -532,6 +544,8 @@ class QwenAttachment(VLMAttachment):
         make_llm: language-model selector for a target (``None``: no language-model stage).
         video_budget: ``"per_frame"`` or ``"shared"`` (module docstring).
         vision_factor: tower budget = ``vision_factor * K_g`` merge units (2: SPEC "Two-stage").
+        auto: ``keep="auto"``: ``keep`` is the bound (``max_keep``) and every group keeps the count its own
+            selector chooses in the tower (``make_llm`` must then be ``None``).
     """
 
     title = "Qwen2-VL"
@@ -544,13 +558,22 @@ class QwenAttachment(VLMAttachment):
         make_llm: Callable[[int], LLMSelector] | None,
         video_budget: str = "per_frame",
         vision_factor: int = 2,
+        auto: bool = False,
     ) -> None:
+        if auto and (make_encoder is None or make_llm is not None):
+            raise ValueError(
+                "keep='auto' needs a method that decides its counts in the vision tower (flowcut)"
+            )
         if video_budget not in VIDEO_BUDGETS:
             raise ValueError(f"video_budget must be one of {VIDEO_BUDGETS}, got {video_budget!r}")
         super().__init__(model, qwen_parts(model))
         self.keep = keep
         self.video_budget = video_budget
         self.vision_factor = vision_factor
+        self.auto = auto
+        self.image_counts: list[
+            int
+        ] = []  # auto: merged tokens every item kept (images, then videos), in order
         cfg = self.config
         self.image_token_id = int(cfg.image_token_id)
         self.video_token_id = int(cfg.video_token_id)
@@ -577,7 +600,12 @@ class QwenAttachment(VLMAttachment):
         per_frame = kind == "video" and self.video_budget == "per_frame"
         groups = make_groups(grid, self.merge, self.keep, per_frame)
         unit = self.merge**2
-        if self.vision is not None:
+        if self.vision is not None and self.auto:  # every group chooses its count; keep is the bound
+            selectors = [self._make_encoder(min(g.size, g.target)) for g in groups]
+            feats, kept, tokens = self.vision.run(pixels, grid, groups, selectors)
+            groups = [dataclasses.replace(g, target=int(kept[g.lo : g.hi].sum())) for g in groups]
+            budgets = [g.target for g in groups]
+        elif self.vision is not None:
             budgets = [min(g.size, self.vision_factor * g.target) for g in groups]
             selectors = [
                 self._make_encoder(b) if b < g.size else None for g, b in zip(groups, budgets, strict=True)
@@ -663,6 +691,8 @@ class QwenAttachment(VLMAttachment):
             kept_cols[kind][is_ph] = alive
             per_placeholder[kind] = group_of_unit.to(ids.device)[alive]
             features[kind] = [it.features for it in items]
+            if self.auto:
+                self.image_counts += [len(it.kept_units) for it in items]
             targets += [g.target for g in groups]
             records.items += items
             records.groups += groups
@@ -828,6 +858,7 @@ class QwenAdapter(ModelAdapter):
         "feature_layer": "feeds its merger from the last block (no feature layer to choose); do not pass it"
     }
     ratio_keep = True
+    auto_keep = True
 
     def why_not(self, spec: MethodSpec) -> tuple[type[Exception], str] | None:
         if spec.make_selector is None or (spec.merge_units and spec.make_second_stage is not None):
@@ -852,6 +883,9 @@ class QwenAdapter(ModelAdapter):
             make_encoder = lambda k: spec.make_selector(config, k)  # noqa: E731
             make_llm = lambda k: spec.make_second_stage(config, k)  # noqa: E731
         budget = options.get("video_budget") or "per_frame"
+        if config.keep == "auto":  # counts from FlowCut's mass in the tower; the bound caps every group
+            bound = UNBOUNDED_KEEP if config.max_keep is None else config.max_keep
+            return QwenAttachment(model, bound, make_encoder, None, video_budget=budget, auto=True)
         return QwenAttachment(model, config.keep, make_encoder, make_llm, video_budget=budget)
 
     def parts(self, model: nn.Module) -> ModelParts | None:

@@ -66,6 +66,9 @@ class ModelParts:
     packed_vision: bool = False  # the tower takes all images as one packed sequence split by cu_seqlens
 
 
+UNBOUNDED_KEEP = 1 << 30  # keep="auto" without max_keep: no image is capped below its own token count
+
+
 class ModelAdapter:
     """One model family. Subclass, set the class attributes, implement :meth:`attach` (and :meth:`check`
     where some methods cannot run), and :func:`register_adapter` an instance at the end of the file."""

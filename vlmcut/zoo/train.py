@@ -317,17 +317,28 @@ def save_weights(model: Any, path: str | Path, lora: LoRA | None, card: dict[str
 
 
 class FeatureCache:
-    """Frozen vision features per image key: ``hidden_states[-2]`` patch tokens, computed once."""
+    """Frozen vision features per image key: ``hidden_states[-2]`` patch tokens, computed once.
 
-    def __init__(self, model: Any, processor: Any):
+    With ``handle`` (a :func:`vlmcut.prune` handle of a vision-stage method on ``model``) the tower prunes as
+    it runs, so every cached image holds only the tokens the language model would get, and
+    :meth:`kept_indices` gives their positions on the patch grid (to gather per-patch targets). The tower is
+    frozen, so its choice for an image never changes and caching it is the same as pruning in every step.
+    """
+
+    def __init__(self, model: Any, processor: Any, handle: Any = None):
         self.model = model
         self.processor = processor
+        self.handle = handle
         self.cache: dict[str, torch.Tensor] = {}
+        self.kept: dict[str, torch.Tensor] = {}
+        self.tower_seconds = 0.0  # time spent filling the cache
+        self.images = 0
 
     @torch.no_grad()
     def get(self, conversations_: Sequence[Conversation]) -> torch.Tensor:
-        missing = [c for c in conversations_ if c.image_key not in self.cache]
+        missing = list({c.image_key: c for c in conversations_ if c.image_key not in self.cache}.values())
         if missing:
+            start = time.perf_counter()
             images = [c.load_image() for c in missing]
             pixels = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
             inner = self.model.model
@@ -335,9 +346,26 @@ class FeatureCache:
             feats = out.hidden_states[self.model.config.vision_feature_layer]
             if self.model.config.vision_feature_select_strategy == "default":
                 feats = feats[:, 1:]
-            for c, f in zip(missing, feats, strict=True):
+            kept = self.handle.kept_indices if self.handle is not None else None
+            if self.handle is not None and (kept is None or kept.shape != feats.shape[:2]):
+                raise RuntimeError(
+                    "the pruned tower's record does not match its output; training with pruning needs a "
+                    "method that prunes in the vision tower and keeps a fixed count (flowcut, visionzip, ...)"
+                )
+            for k, (c, f) in enumerate(zip(missing, feats, strict=True)):
                 self.cache[c.image_key] = f.to(torch.bfloat16)  # halves the cache; upcast when used
+                if kept is not None:
+                    self.kept[c.image_key] = kept[k].clone()
+            self.tower_seconds += time.perf_counter() - start
+            self.images += len(missing)
         return torch.stack([self.cache[c.image_key].float() for c in conversations_])
+
+    def kept_indices(self, conversations_: Sequence[Conversation]) -> torch.Tensor | None:
+        """(B, K) patch positions of the cached tokens, or None when the tower does not prune."""
+        if self.handle is None:
+            return None
+        self.get(conversations_)
+        return torch.stack([self.kept[c.image_key] for c in conversations_])
 
 
 class Grounding:
@@ -393,9 +421,22 @@ class Grounding:
         self.cache[conversation.image_key] = (color, shape)
         return color, shape
 
-    def loss(self, image_embeds: torch.Tensor, batch: Sequence[Conversation]) -> torch.Tensor:
-        """Mean of the colour and shape cross-entropies over labelled patches (0 when none is labelled)."""
+    def loss(
+        self, image_embeds: torch.Tensor, batch: Sequence[Conversation], kept: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean of the colour and shape cross-entropies over labelled patches (0 when none is labelled).
+
+        ``kept``: (B, K) grid positions of ``image_embeds``' tokens when the tower pruned (targets are
+        gathered there); None when every patch is present.
+        """
         color, shape = (torch.stack(t) for t in zip(*(self.targets(c) for c in batch), strict=True))
+        if kept is not None:
+            color, shape = color.gather(1, kept), shape.gather(1, kept)
+        if color.shape != image_embeds.shape[:2]:
+            raise ValueError(
+                f"{image_embeds.shape[1]} image tokens per image but {color.shape[1]} patch targets; pass the "
+                f"kept patch positions of a pruned tower"
+            )
         words = F.normalize(self.embeddings.weight[self.word_ids].float(), dim=-1)
         logits = self.temperature * F.normalize(image_embeds.float(), dim=-1) @ words.T  # (B, P, words)
         n_colors = len(self.colors)
@@ -416,8 +457,8 @@ def batch_loss(
 ) -> torch.Tensor:
     inner = model.model
     image_id = model.config.image_token_id
-    n_image = model.config.image_seq_length
-    encoded = [encode(processor, c.qa, n_image) for c in batch]
+    image_features = features.get(batch)  # (B, tokens the tower kept, D)
+    encoded = [encode(processor, c.qa, image_features.shape[1]) for c in batch]
     length = max(len(ids) for ids, _ in encoded)
     pad = processor.tokenizer.pad_token_id or 0
     input_ids = torch.full((len(batch), length), pad, dtype=torch.long)
@@ -428,7 +469,7 @@ def batch_loss(
         attention[row, : len(ids)] = 1
         supervised[row, : len(ids)] = torch.tensor(mask)
     embeds = inner.language_model.get_input_embeddings()(input_ids)
-    image_embeds = inner.multi_modal_projector(features.get(batch))
+    image_embeds = inner.multi_modal_projector(image_features)
     image_mask = (input_ids == image_id).unsqueeze(-1).expand_as(embeds)
     embeds = embeds.masked_scatter(image_mask, image_embeds.to(embeds.dtype))
     hidden = inner.language_model(inputs_embeds=embeds, attention_mask=attention).last_hidden_state
@@ -437,7 +478,7 @@ def batch_loss(
     logits = model.lm_head(hidden[:, :-1][where])
     loss = F.cross_entropy(logits.float(), input_ids[:, 1:][where])
     if grounding is not None and grounding_weight > 0:
-        loss = loss + grounding_weight * grounding.loss(image_embeds, batch)
+        loss = loss + grounding_weight * grounding.loss(image_embeds, batch, features.kept_indices(batch))
     return loss
 
 
@@ -445,7 +486,8 @@ def grounding_only_loss(
     model: Any, features: FeatureCache, batch: Sequence[Conversation], grounding: Grounding
 ) -> torch.Tensor:
     """Stage 0: the grounding loss alone (projector forward only)."""
-    return grounding.loss(model.model.multi_modal_projector(features.get(batch)), batch)
+    embeds = model.model.multi_modal_projector(features.get(batch))
+    return grounding.loss(embeds, batch, features.kept_indices(batch))
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -675,6 +717,237 @@ def train(cfg: TrainConfig, out: str | Path, cache_dir: str | Path | None = None
     return card
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Training with pruning: two arms from the same weights on the same batches, stepped side by side
+# ----------------------------------------------------------------------------------------------------------
+
+
+class TrainArm:
+    """One model of a side-by-side comparison: projector + LoRA steps (the recipe's stage 2), optionally with a
+    vision-stage pruning method active in the tower (``prune=(method, keep)``)."""
+
+    def __init__(
+        self, name: str, cfg: TrainConfig, steps: int, cache_dir: Any, prune: tuple[str, int] | None
+    ):
+        import vlmcut
+        from vlmcut.zoo import load_small_llava
+        from vlmcut.zoo.small_llava import _projector_state
+
+        self.name = name
+        model, processor = load_small_llava(cache_dir)
+        model.model.multi_modal_projector.load_state_dict(_projector_state(cfg.init))
+        for p in model.parameters():
+            p.requires_grad_(False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)  # the same LoRA initialisation in every arm
+            self.lora = _resume_lora(model, cfg) or LoRA(
+                model.model.language_model, cfg.lora_rank, cfg.lora_alpha
+            )
+        projector = list(model.model.multi_modal_projector.parameters())
+        for p in [*projector, *self.lora.parameters()]:
+            p.requires_grad_(True)
+        self.params = [
+            {"params": projector, "lr": cfg.lr * 0.3},
+            {"params": list(self.lora.parameters()), "lr": cfg.lora_lr},
+        ]
+        self.handle = vlmcut.prune(model, prune[0], keep=prune[1]) if prune is not None else None
+        self.model, self.processor = model, processor
+        self.features = FeatureCache(model, processor, self.handle)
+        self.grounding = Grounding(model, processor, cfg.grounding_temperature, cfg.grounding_min_cover)
+        self.cfg = cfg
+        self.optimizer = torch.optim.AdamW(self.params, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg.warmup, steps))
+        self.seconds: list[float] = []
+        self.losses: list[float] = []
+        self.image_tokens = 0
+        model.train()
+
+    def step(self, batch: Sequence[Conversation]) -> None:
+        """One optimiser step; its time excludes the frozen tower (cached before the clock starts)."""
+        self.image_tokens = int(self.features.get(batch).shape[1])
+        start = time.perf_counter()
+        loss = batch_loss(
+            self.model, self.processor, self.features, batch, self.grounding, self.cfg.grounding_weight
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in self.params for p in g["params"]], 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.seconds.append(time.perf_counter() - start)
+        self.losses.append(loss.item())
+
+    def save(self, path: Path, card: dict[str, Any]) -> Path:
+        return save_weights(self.model, path, self.lora, card)
+
+
+def parse_prune(text: str) -> tuple[str, int]:
+    """``"flowcut@64"`` -> ``("flowcut", 64)``."""
+    from vlmcut.methods import available_methods
+
+    method, at, keep = text.partition("@")
+    if not at or method not in available_methods() or not keep.isdigit() or int(keep) < 1:
+        raise ValueError(
+            f"--compare must be METHOD@KEEP with METHOD one of {', '.join(available_methods())} and KEEP an "
+            f"integer >= 1, got {text!r}"
+        )
+    return method, int(keep)
+
+
+def compare_training(
+    cfg: TrainConfig, prune: str, out_dir: str | Path, cache_dir: str | Path | None = None
+) -> dict[str, Any]:
+    """Train two arms from ``cfg.init`` for ``cfg.stage2_steps`` projector + LoRA steps on the same batches:
+    ``unpruned`` and ``<method><keep>`` (the method active in the tower). Steps alternate between the arms
+    (which one goes first alternates too), so both see the same machine load; the step time excludes the
+    frozen tower in both (its features are cached per image). Writes ``<arm>.safetensors`` and
+    ``training.json`` (per-step seconds and losses, the ratio, the tower's cost per image) to ``out_dir``."""
+    if cfg.init is None:
+        raise ValueError("a training comparison needs --init: both arms must start from the same weights")
+    method, keep = parse_prune(prune)
+    from vlmcut.eval.datasets import load_dataset
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    limits = {"scenes": cfg.scenes_images, "easy-vqa": cfg.easy_vqa_images}
+    items: list[Conversation] = []
+    for name in cfg.datasets:
+        items += conversations(load_dataset(name, "train"), cfg.turns, rng, limits.get(name))
+    stream = _stream(items, cfg.batch_size, rng)
+    steps = cfg.stage2_steps
+    arms = [
+        TrainArm("unpruned", cfg, steps, cache_dir, None),
+        TrainArm(f"{method}{keep}", cfg, steps, cache_dir, (method, keep)),
+    ]
+    print(f"{len(items)} conversations; {steps} steps per arm: {', '.join(a.name for a in arms)}", flush=True)
+    for step in range(steps):
+        batch = next(stream)
+        for arm in arms if step % 2 == 0 else arms[::-1]:
+            arm.step(batch)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+            window = slice(max(0, step + 1 - cfg.log_every), step + 1)
+            print(
+                json.dumps(
+                    {
+                        "step": step + 1,
+                        **{
+                            a.name: {
+                                "loss": round(sum(a.losses[window]) / len(a.losses[window]), 4),
+                                "s_per_step": round(sum(a.seconds[window]) / len(a.seconds[window]), 3),
+                            }
+                            for a in arms
+                        },
+                    }
+                ),
+                flush=True,
+            )
+        if time.perf_counter() - start > cfg.time_budget_s:
+            raise RuntimeError(
+                f"time budget of {cfg.time_budget_s:.0f} s reached after {step + 1} of {steps} steps; the two arms "
+                f"must train the same schedule: give a larger --time-budget-s or fewer --stage2-steps"
+            )
+    warm = slice(min(cfg.warmup, steps // 2), None)  # the first steps also fill caches and allocators
+    record: dict[str, Any] = {
+        "config": asdict(cfg),
+        "compare": prune,
+        "steps": steps,
+        "conversations": len(items),
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "arms": {},
+    }
+    for arm in arms:
+        timed = arm.seconds[warm]
+        record["arms"][arm.name] = {
+            "image_tokens": arm.image_tokens,
+            "s_per_step_mean": sum(timed) / len(timed),
+            "s_per_step_median": sorted(timed)[len(timed) // 2],
+            "tower_ms_per_image": 1000 * arm.features.tower_seconds / max(1, arm.features.images),
+            "loss_first10": sum(arm.losses[:10]) / len(arm.losses[:10]),
+            "loss_last10": sum(arm.losses[-10:]) / len(arm.losses[-10:]),
+            "seconds": [round(x, 4) for x in arm.seconds],
+            "losses": [round(x, 4) for x in arm.losses],
+        }
+    base, pruned = (record["arms"][a.name] for a in arms)
+    record["step_time_ratio"] = base["s_per_step_mean"] / pruned["s_per_step_mean"]
+    for arm in arms:
+        card = {
+            "stage": "compare",
+            "arm": arm.name,
+            "steps": {"lora": steps},
+            "init": cfg.init,
+            "config": asdict(cfg),
+            "torch": torch.__version__,
+        }
+        arm.save(out / f"{arm.name}.safetensors", card)
+        if arm.handle is not None:
+            arm.handle.remove()
+    (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def compare_report(out_dir: str | Path, arms: Sequence[str]) -> str:
+    """Markdown: each arm's test accuracy (from ``vlmcut eval --sweep --out <out_dir>/eval-<arm>`` cells) at
+    every stored budget, and the later arms' paired 95 % interval against the first, with the step times."""
+    from vlmcut.eval.runner import EvalResult
+    from vlmcut.eval.stats import paired_bootstrap
+    from vlmcut.eval.store import ResultStore
+
+    out = Path(out_dir)
+    record = json.loads((out / "training.json").read_text())
+    cells: dict[str, dict[tuple[str, str], EvalResult]] = {}
+    for arm in arms:
+        directory = out / f"eval-{arm}"
+        rows = list(ResultStore.read_all(directory))
+        if not rows:
+            raise ValueError(
+                f"no evaluation cells in {directory}; run vlmcut eval --sweep --out {directory} first"
+            )
+        cells[arm] = {(r["dataset"], r["cell"]): EvalResult.from_row(r) for r in rows}
+    lines = [
+        f"Same start (`{record['config']['init']}`), same {record['steps']} batches of "
+        f"{record['config']['batch_size']} conversations, projector + LoRA rank {record['config']['lora_rank']}.",
+        "",
+        "| arm | visual tokens in training | s / step (mean) | s / step (median) | tower ms / image | loss, first 10 -> last 10 steps |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm in arms:
+        a = record["arms"][arm]
+        lines.append(
+            f"| {arm} | {a['image_tokens']} | {a['s_per_step_mean']:.2f} | {a['s_per_step_median']:.2f} | "
+            f"{a['tower_ms_per_image']:.0f} | {a['loss_first10']:.3f} -> {a['loss_last10']:.3f} |"
+        )
+    lines += [
+        "",
+        f"Step-time ratio (unpruned / pruned, means after warm-up): **{record['step_time_ratio']:.2f}x**.",
+        "",
+        "| dataset | tested at | "
+        + " | ".join(f"trained {a}" for a in arms)
+        + " | "
+        + " | ".join(f"{a} - {arms[0]} (95 % paired)" for a in arms[1:])
+        + " |",
+        "|---|---|" + "---|" * (2 * len(arms) - 1),
+    ]
+    keys = sorted({k for arm in arms for k in cells[arm]}, key=lambda k: (k[0], k[1] != "unpruned", k[1]))
+    for dataset, cell in keys:
+        results = [cells[arm].get((dataset, cell)) for arm in arms]
+        if any(r is None for r in results):
+            continue
+        row = f"| {dataset} | {cell} (n={results[0].n}) | " + " | ".join(
+            f"{100 * r.accuracy:.1f}" for r in results
+        )
+        for r in results[1:]:
+            if len(r.correct) != len(results[0].correct):
+                raise ValueError(f"{dataset} {cell}: the arms answered different numbers of questions")
+            row += f" | {paired_bootstrap(r.correct, results[0].correct).text()}"
+        lines.append(row + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlmcut.zoo.train", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="vlmcut/zoo/projector.safetensors")
@@ -682,12 +955,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--init", default=None, help="start from these projector weights (skip stage 1 with --stage1-steps 0)"
     )
+    parser.add_argument(
+        "--compare",
+        default=None,
+        metavar="METHOD@KEEP",
+        help="train two arms from --init side by side for --stage2-steps projector + LoRA steps, unpruned and "
+        "with METHOD@KEEP active in the tower; --out is then a directory",
+    )
+    parser.add_argument(
+        "--compare-report",
+        nargs="+",
+        default=None,
+        metavar="ARM",
+        help="write --out/report.md from --out/training.json and --out/eval-<ARM> (first ARM = reference)",
+    )
     defaults = TrainConfig()
     for key, value in asdict(defaults).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args(argv)
     cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(defaults) if hasattr(args, k)})
+    if args.compare_report is not None:
+        try:
+            text = compare_report(args.out, args.compare_report)
+        except (OSError, ValueError, KeyError) as err:
+            parser.error(f"--compare-report: {err}")
+        (Path(args.out) / "report.md").write_text(text)
+        print(text)
+        return 0
+    if args.compare is not None:
+        if cfg.init is None:
+            parser.error("--compare needs --init: both arms must start from the same weights")
+        try:
+            parse_prune(args.compare)
+        except ValueError as err:
+            parser.error(str(err))
+        record = compare_training(cfg, args.compare, args.out, args.cache_dir)
+        print(json.dumps({k: record[k] for k in ("steps", "wall_seconds", "step_time_ratio")}, indent=2))
+        return 0
     card = train(cfg, args.out, args.cache_dir)
     print(json.dumps({k: card[k] for k in ("steps", "train_seconds", "validation_final")}, indent=2))
     return 0
